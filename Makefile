@@ -1,0 +1,29 @@
+# `make demo` and `make test` each create .venv if needed, install sidestep into it and run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0 installs from local disk on our dev/CI machines; GPU users: see README.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/sidestep demo demo-run
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/analysis.py
+	$(PY) bench/train.py
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache

@@ -1,0 +1,41 @@
+"""Builds the Typer app and runs it, turning every SidestepError into one red line and exit code 1."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from sidestep.cli import output
+from sidestep.errors import Interrupted, SidestepError
+
+app = typer.Typer(
+    name="sidestep",
+    help="Fine-tune ACE-Step 1.5 with LoRA adapters; Preprocessing++ picks modules and ranks from your data.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_commands() -> None:
+    # Each command module adds itself to `app`; imported here so `app` exists first.
+    from sidestep.cli import commands  # noqa: F401
+
+
+_register_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except SidestepError as err:
+        if os.environ.get("SIDESTEP_DEBUG") == "1":
+            raise
+        output.error(str(err))
+        code = 130 if isinstance(err, Interrupted) else 1
+        sys.exit(code)
+    except KeyboardInterrupt:
+        output.error("Interrupted; nothing half-written was left behind.")
+        sys.exit(130)

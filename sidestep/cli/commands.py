@@ -1,0 +1,3 @@
+"""Imports every command module so each registers on the app."""
+
+from sidestep.cli import demo_cmd, settings_cmd  # noqa: F401

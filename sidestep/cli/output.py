@@ -1,0 +1,34 @@
+"""The one place the CLI talks to the terminal. Messages go to stderr so stdout can carry --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False)
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]Warning:[/] {message}")
+
+
+def error(message: str) -> None:
+    console.print(f"[bold red]Error:[/] {message}")
+
+
+def success(message: str) -> None:
+    console.print(f"[green]{message}[/]")
+
+
+def emit_json(payload: Any) -> None:
+    """Machine-readable result on stdout, nothing else on that stream."""
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,141 @@
+"""Load a checkpoint's DiT into diffusers' AceStepTransformer1DModel, from either layout, strictly."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from diffusers import AceStepTransformer1DModel
+from safetensors import SafetensorError, safe_open
+
+from sidestep.errors import CheckpointError
+from sidestep.models.convert import NULL_CONDITION_KEY, original_key_to_diffusers
+from sidestep.models.device import Runtime
+from sidestep.models.discovery import Layout, ModelEntry, read_config
+from sidestep.models.variants import Variant, variant_defaults, with_config
+
+__all__ = ["LoadedModel", "load_model", "transformer_kwargs", "build_transformer"]
+
+_TRANSFORMER_ARGS = tuple(p for p in inspect.signature(AceStepTransformer1DModel.__init__).parameters if p != "self")
+
+
+@dataclass
+class LoadedModel:
+    transformer: AceStepTransformer1DModel
+    null_condition_emb: torch.Tensor | None  # [1, 1, encoder_hidden_size]; None when the checkpoint lacks it
+    variant: Variant
+    entry: ModelEntry
+    runtime: Runtime
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.transformer.config.num_hidden_layers)
+
+
+def transformer_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of AceStepTransformer1DModel found in an original or diffusers config.json."""
+    return {k: config[k] for k in _TRANSFORMER_ARGS if k in config}
+
+
+def build_transformer(config: dict[str, Any], device: str | torch.device = "meta") -> AceStepTransformer1DModel:
+    """Instantiate the architecture from a config; on `meta` it costs no memory until weights are assigned."""
+    with torch.device(device):
+        return AceStepTransformer1DModel(**transformer_kwargs(config))
+
+
+def load_model(entry: ModelEntry, runtime: Runtime) -> LoadedModel:
+    """Read the decoder weights of `entry`, shard by shard, into a frozen transformer on `runtime.device`."""
+    model = build_transformer(entry.config)
+    expected = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    null_emb: torch.Tensor | None = None
+    unknown: list[str] = []
+
+    for key, loader in _iter_tensors(entry):
+        if key == NULL_CONDITION_KEY:
+            null_emb = loader().to(runtime.device, runtime.dtype)
+            continue
+        if entry.layout is Layout.ORIGINAL:
+            target = original_key_to_diffusers(key)
+            if target is None:  # encoder.*, tokenizer.*, detokenizer.*: not the DiT
+                continue
+        else:
+            target = key
+        if target not in expected:
+            unknown.append(key)
+        elif target in state:
+            raise CheckpointError(f"{entry.path}: key {key!r} maps onto {target!r}, which another key already filled.")
+        else:
+            state[target] = _cast(loader(), runtime)
+    _check_keys(entry, expected, state, unknown)
+    model.load_state_dict(state, strict=True, assign=True)
+    if null_emb is None and entry.layout is Layout.DIFFUSERS:
+        null_emb = _diffusers_null_embedding(entry, runtime)
+
+    model.requires_grad_(False).eval()
+    if runtime.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    variant = with_config(variant_defaults(entry.variant or "base"), entry.config)
+    return LoadedModel(model, null_emb, variant, entry, runtime)
+
+
+def _cast(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    dtype = runtime.dtype if tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=runtime.device, dtype=dtype)
+
+
+def _check_keys(entry: ModelEntry, expected: set[str], state: dict, unknown: list[str]) -> None:
+    missing = sorted(expected - set(state))
+    if unknown or missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unknown:
+            parts.append(f"{len(unknown)} unexpected (e.g. {', '.join(sorted(unknown)[:3])})")
+        raise CheckpointError(
+            f"{entry.path}: the weights do not match the ACE-Step DiT described by its config.json: {'; '.join(parts)}."
+        )
+
+
+def _weight_files(folder: Path, stem: str) -> list[Path]:
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: cannot read the shard index ({err}).") from err
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{folder}: no {stem}.safetensors (or sharded index) found.")
+
+
+def _iter_tensors(entry: ModelEntry) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(key, lazy loader) for every tensor, one shard open at a time so peak RAM stays near one decoder copy."""
+    stem = "diffusion_pytorch_model" if entry.layout is Layout.DIFFUSERS else "model"
+    for path in _weight_files(entry.transformer_dir, stem):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    yield key, (lambda k=key, h=handle: h.get_tensor(k))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: cannot read the weights ({err}).") from err
+
+
+def _diffusers_null_embedding(entry: ModelEntry, runtime: Runtime) -> torch.Tensor | None:
+    folder = entry.path / "condition_encoder"
+    if not folder.is_dir():
+        return None
+    for path in _weight_files(folder, "diffusion_pytorch_model"):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                if NULL_CONDITION_KEY in handle.keys():
+                    return handle.get_tensor(NULL_CONDITION_KEY).to(runtime.device, runtime.dtype)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: cannot read the weights ({err}).") from err
+    return None
