@@ -9,7 +9,6 @@ import typer
 
 from sidestep.cli import output
 from sidestep.cli.app import app
-from sidestep.testing.demo import setup_demo
 
 
 @app.command()
@@ -18,6 +17,8 @@ def demo(
     setup_only: Annotated[bool, typer.Option("--setup-only", help="Write the demo files and stop.")] = False,
 ) -> None:
     """Write a tiny ACE-Step checkpoint and dataset (no download), then run the main job on them."""
+    from sidestep.testing.demo import setup_demo  # imports torch: keep `sidestep --help` fast
+
     paths = setup_demo(directory)
     output.info(f"Demo checkpoint: {paths.model_dir}")
     output.info(f"Demo dataset:    {paths.dataset}")
