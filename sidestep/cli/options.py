@@ -38,3 +38,8 @@ PrecisionOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Answer yes to every confirmation.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else there.")]
+BaseVariantOpt = Annotated[
+    str | None,
+    typer.Option("--base-variant", help="For a fine-tune: the official variant it descends from (turbo, base, sft, ...).",
+                 show_default=False),
+]
