@@ -125,7 +125,13 @@ class Allocation:
 
 
 def select_modules(scores: Mapping[str, float], inclusion: float = 0.55, category_floor: float = 0.10) -> list[str]:
-    """The top `inclusion` fraction of modules by score, each category lifted to its floor; best first."""
+    """The top `inclusion` fraction of modules by score, each category lifted to its floor; best first.
+
+    Args:
+        scores: Fisher score per targetable module (original names, needed for the category when the floor is > 0).
+        inclusion: fraction kept, rounded up.
+        category_floor: each category keeps at least this fraction of its members, rounded up, and at least one.
+    """
     if not 0 < inclusion <= 1 or not 0 <= category_floor <= 1:
         raise ValueError(f"inclusion {inclusion} must be in (0, 1] and category_floor {category_floor} in [0, 1].")
     _check_values(scores, "score")
@@ -262,7 +268,8 @@ def _flat_ranks(
     def total(ranks: Mapping[str, int]) -> int:
         return sum(rank * size[name] for name, rank in ranks.items())
 
-    scale = _bisect_scale(lambda c: total(ranks_at(c)), target, ceiling=hi * sum(size.values()))
+    reachable = hi * sum(size[name] for name, r in relative.items() if r > 0)  # a zero signal never enters
+    scale = _bisect_scale(lambda c: total(ranks_at(c)), target, ceiling=reachable)
     ideal = {name: scale * budget.base * r for name, r in relative.items()}
     ranks = _fix_up(ranks_at(scale), ideal, total, target, tolerance, (step, lo, hi))
     return {n: r for n, r in ranks.items() if r}, tuple(n for n, r in ranks.items() if not r)
@@ -273,7 +280,7 @@ def _bisect_scale(total_at: Callable[[float], int], target: int, ceiling: int) -
     below, above = 0.0, 1.0
     for _ in range(2000):  # doubling reaches float's range long before this
         reached = total_at(above)
-        if reached >= target or reached >= ceiling:
+        if reached >= target or reached >= ceiling or above > 1e300:
             break
         below, above = above, above * 2
     if total_at(above) < target:
