@@ -19,6 +19,15 @@ app = typer.Typer(
 )
 
 
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    # `sidestep` with no command starts the interactive wizard.
+    if ctx.invoked_subcommand is None:
+        from sidestep.cli.wizard_cmd import start_wizard
+
+        start_wizard()
+
+
 def _register_commands() -> None:
     # Each command module adds itself to `app`; imported here so `app` exists first.
     from sidestep.cli import commands  # noqa: F401

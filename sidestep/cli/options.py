@@ -43,3 +43,113 @@ BaseVariantOpt = Annotated[
     typer.Option("--base-variant", help="For a fine-tune: the official variant it descends from (turbo, base, sft, ...).",
                  show_default=False),
 ]
+
+# ---- Preprocessing++ (`sidestep analyze`, shared with train where the meaning is the same) ----
+DatasetDirOpt = Annotated[
+    Path | None,
+    typer.Option("--dataset-dir", help="Folder of preprocessed .pt files (required).", show_default=False),
+]
+TimestepFocusOpt = Annotated[
+    str,
+    typer.Option("--timestep-focus", help="balanced, texture (t in 0..0.4), structure (t in 0.6..1) or a range LOW,HIGH."),
+]
+RankOpt = Annotated[int, typer.Option("--rank", help="Target median LoRA rank (with --budget flat: the flat rank whose "
+                                                     "parameter count is spent).")]
+RankMinOpt = Annotated[int, typer.Option("--rank-min", help="Smallest rank of any adapted module.")]
+RankMaxOpt = Annotated[int, typer.Option("--rank-max", help="Largest rank of any adapted module.")]
+ConvergencePatienceOpt = Annotated[
+    int, typer.Option("--convergence-patience", help="Stop a run once its module ranking is stable for N batches.")
+]
+RunsOpt = Annotated[
+    int | None,
+    typer.Option("--runs", help="Estimation runs (default: 2 for up to 10 samples, else 3).", show_default=False),
+]
+BatchesPerRunOpt = Annotated[
+    int | None,
+    typer.Option("--batches-per-run", help="Batches per run (default: each sample once, at most 50).", show_default=False),
+]
+MapOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", help="Where to write the map (default: <dataset-dir>/fisher_map.json).", show_default=False),
+]
+BudgetOpt = Annotated[
+    str, typer.Option("--budget", help="median: the median rank is --rank; flat: total adapter parameters equal a "
+                                       "flat LoRA at --rank on every module.")
+]
+AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.")]
+RankSignalOpt = Annotated[
+    str, typer.Option("--rank-signal", help="Second factor of each module's rank: data (gradient sketch rank), fisher "
+                                            "(score only), weight (reference's weight SVD) or grad-energy.")
+]
+AllowTurboOpt = Annotated[
+    bool, typer.Option("--allow-turbo", help="Analyse a turbo model anyway (Preprocessing++ can destabilise turbo training).")
+]
+GradientCheckpointingOpt = Annotated[
+    bool | None,
+    typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
+                 help="Recompute activations to save memory (default: on for GPUs, off on CPU).", show_default=False),
+]
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable samples out (and list them) instead of stopping.")]
+WeightRankOpt = Annotated[
+    bool, typer.Option("--weight-rank/--no-weight-rank", help="Also measure each weight's effective rank (an SVD per module).")
+]
+
+# ---- training and export (`sidestep train`, `sidestep export`) ----
+OutputDirOpt = Annotated[
+    Path | None,
+    typer.Option("--output-dir", help="Where checkpoints/, final/ and run.json go (required).", show_default=False),
+]
+AdapterRankOpt = Annotated[int, typer.Option("--rank", help="LoRA rank of every adapted module (a fisher_map.json overrides it).")]
+AlphaOpt = Annotated[
+    float | None, typer.Option("--alpha", help="LoRA alpha (default: 2 × rank); strength = alpha / rank.", show_default=False)
+]
+DropoutOpt = Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input, 0..1.")]
+TargetModulesOpt = Annotated[
+    str, typer.Option("--target-modules", help="Comma-separated groups (self-attn, cross-attn, mlp) or module names "
+                                               "(q_proj, cross_attn.k_proj, layers.3.mlp.up_proj).")
+]
+AdapterKindOpt = Annotated[str, typer.Option("--adapter", help="Adapter type: lora, dora, lokr or loha (via peft).")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (with a Preprocessing++ map try 5e-5).")]
+OptimizerOpt = Annotated[
+    str, typer.Option("--optimizer", help="adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; --lr 1.0).")
+]
+SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="Learning-rate schedule after warmup: cosine, constant or linear.")]
+WarmupStepsOpt = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup, in optimizer steps.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the dataset (--max-steps, when given, wins).")]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per micro-batch (1 is exact; more pads).")]
+GradAccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
+MaxGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping norm; 0 disables.")]
+SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Save a resumable checkpoint every N epochs; 0 = only at the end.")]
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option("--resume", help="Continue from a checkpoint folder, or 'latest' under --output-dir.", show_default=False),
+]
+IgnoreFisherMapOpt = Annotated[
+    bool, typer.Option("--ignore-fisher-map", help="Train a flat adapter even if the dataset has a fisher_map.json.")
+]
+CfgDropoutOpt = Annotated[float, typer.Option("--cfg-dropout", help="Probability of replacing the condition by the null condition.")]
+TimestepModeOpt = Annotated[
+    str | None,
+    typer.Option("--timestep-mode", help="continuous (logit-normal; default for base/sft) or discrete (turbo 8-step "
+                                         "schedule; default for turbo).", show_default=False),
+]
+MaxLatentLengthOpt = Annotated[
+    int | None,
+    typer.Option("--max-latent-length", help="Random crop to this many latent frames (25 per second) to bound memory.",
+                 show_default=False),
+]
+InitOpt = Annotated[str, typer.Option("--init", help="Adapter init: default (peft's), or gradient (from analyze; not available yet).")]
+SpikeFactorOpt = Annotated[
+    float, typer.Option("--spike-factor", help="Stop when the loss exceeds this × its running average; 0 disables.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing result (a trained adapter is kept as .bak).")]
+ExportFormatOpt = Annotated[
+    str | None, typer.Option("--format", help="comfyui, diffusers or peft (ACE-Step's own).", show_default=False)
+]
+NoInitOpt = Annotated[
+    bool, typer.Option("--no-init", help="Do not write fisher_init.safetensors (the bases `sidestep train --init "
+                                         "gradient` starts LoRA from).")
+]

@@ -1,0 +1,83 @@
+"""Rank correlation and the convergence rule of the Fisher estimate (algorithm.md §3).
+
+Pure numpy. A run has converged when the Spearman correlation between the current module ranking and
+the one `patience` batches earlier stays at or above `threshold` for `patience` consecutive checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["ConvergenceTracker", "mean_pairwise_spearman", "rankdata", "spearman"]
+
+
+def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank (scipy's `rankdata(method="average")`)."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Start index of each run of equal values, and the average 1-based rank of that run.
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return ranks
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rho of two equally long vectors (Pearson correlation of their tie-averaged ranks).
+
+    When a vector is constant its ranking carries no order: two constant vectors count as identical
+    rankings (1.0), a constant against a varying one as unrelated (0.0).
+    """
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.shape != rb.shape:
+        raise ValueError(f"spearman needs vectors of the same length, got {ra.size} and {rb.size}.")
+    if ra.size < 2:
+        return 1.0
+    da, db = ra - ra.mean(), rb - rb.mean()
+    norm = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    if norm == 0.0:
+        return 1.0 if np.all(da == 0) and np.all(db == 0) else 0.0
+    return float(np.clip((da * db).sum() / norm, -1.0, 1.0))
+
+
+def mean_pairwise_spearman(estimates: Sequence[Sequence[float] | np.ndarray]) -> float | None:
+    """Mean Spearman over every pair of run estimates: a reproducibility figure; None with fewer than 2 runs."""
+    if len(estimates) < 2:
+        return None
+    values = [spearman(a, b) for a, b in itertools.combinations(estimates, 2)]
+    return float(np.mean(values))
+
+
+class ConvergenceTracker:
+    """Feed one score vector per batch; says when the ranking has been stable long enough.
+
+    Args:
+        patience: compare with the estimate this many batches earlier, and require this many passing checks in a row.
+        threshold: the Spearman correlation a check must reach.
+    """
+
+    def __init__(self, patience: int, threshold: float) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}.")
+        self.patience = patience
+        self.threshold = threshold
+        self._history: deque[np.ndarray] = deque(maxlen=patience + 1)
+        self.streak = 0
+        self.last: float | None = None
+        self.converged = False
+
+    def update(self, scores: Sequence[float] | np.ndarray) -> bool:
+        """Record this batch's estimate; returns True once the run has converged."""
+        self._history.append(np.asarray(scores, dtype=np.float64).copy())
+        if len(self._history) > self.patience:
+            self.last = spearman(self._history[-1], self._history[0])
+            self.streak = self.streak + 1 if self.last >= self.threshold else 0
+            self.converged = self.converged or self.streak >= self.patience
+        return self.converged

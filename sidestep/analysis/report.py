@@ -1,0 +1,122 @@
+"""The picture and the preview of a map: a layers × modules heatmap (PNG) and the pieces of the terminal preview.
+
+Rendering the preview with rich lives in the CLI; this module only computes what it shows.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from sidestep.analysis.engine import AnalysisResult
+from sidestep.analysis.fisher_map import FisherMap
+from sidestep.analysis.modules import PROJECTIONS, Category, category_of, layer_of, suffix_of
+
+__all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "render_png"]
+
+TOP_N = 5
+
+
+@dataclass(frozen=True, slots=True)
+class CategoryCount:
+    category: str
+    included: int
+    excluded: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopModule:
+    name: str
+    fisher: float
+    data_rank: int | None
+    weight_rank: int | None
+    rank: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Everything the terminal preview shows before the save question."""
+
+    categories: tuple[CategoryCount, ...]
+    rank_histogram: tuple[tuple[int, int], ...]  # (rank, modules), ascending rank
+    top: tuple[TopModule, ...]
+    low_confidence: tuple[str, ...]
+    adapted: int
+    targetable: int
+    median_rank: float | None
+    trainable_params: int
+    flat_equivalent_params: int
+    cross_run_spearman: float | None
+    runs: tuple[tuple[int, int, float | None, bool], ...]  # (run, batches, final spearman, converged)
+
+
+def build_preview(fmap: FisherMap) -> Preview:
+    """The preview of `fmap` (its module entries carry the score, data rank and weight rank shown)."""
+    adapted = fmap.rank_pattern
+    categories = tuple(
+        CategoryCount(c.value, sum(category_of(n) is c for n in adapted),
+                      sum(category_of(n) is c for n in fmap.excluded_modules))
+        for c in Category
+    )
+    entries = sorted(fmap.modules, key=lambda m: (-m.fisher_score, m.name))[:TOP_N]
+    ranks = sorted(adapted.values())
+    median = None
+    if ranks:
+        mid = len(ranks) // 2
+        median = float(ranks[mid]) if len(ranks) % 2 else (ranks[mid - 1] + ranks[mid]) / 2
+    convergence = fmap.convergence
+    return Preview(
+        categories=categories,
+        rank_histogram=tuple(sorted(Counter(ranks).items())),
+        top=tuple(TopModule(m.name, m.fisher_score, m.data_rank, m.effective_rank, m.assigned_rank) for m in entries),
+        low_confidence=tuple(fmap.low_confidence_modules),
+        adapted=len(adapted),
+        targetable=len(adapted) + len(fmap.excluded_modules),
+        median_rank=median,
+        trainable_params=fmap.trainable_params or 0,
+        flat_equivalent_params=fmap.flat_equivalent_params or 0,
+        cross_run_spearman=convergence.cross_run_spearman if convergence else None,
+        runs=tuple((r.run, r.batches, r.final_spearman, r.converged) for r in convergence.runs) if convergence else (),
+    )
+
+
+def render_png(fmap: FisherMap, result: AnalysisResult) -> bytes:
+    """Two heatmaps (layers × the 11 projections): log10 Fisher score of every module, and the assigned rank
+    (excluded modules blank). Returns PNG bytes; the caller writes them atomically."""
+    import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, Agg for PNG
+
+    layers = 1 + max(layer_of(m.name) for m in result.modules)
+    column = {suffix: i for i, suffix in enumerate(PROJECTIONS)}
+    scores = np.full((layers, len(PROJECTIONS)), np.nan)
+    ranks = np.full((layers, len(PROJECTIONS)), np.nan)
+    for m in result.modules:
+        cell = layer_of(m.name), column[suffix_of(m.name)]
+        scores[cell] = math.log10(m.fisher) if m.fisher > 0 else np.nan
+        if m.name in fmap.rank_pattern:
+            ranks[cell] = fmap.rank_pattern[m.name]
+    labels = [s.replace("self_attn.", "sa.").replace("cross_attn.", "ca.") for s in PROJECTIONS]
+    height = max(3.0, 0.28 * layers + 1.8)
+    fig = Figure(figsize=(12, height), layout="constrained")
+    axes = fig.subplots(1, 2)
+    panels = ((axes[0], scores, "viridis", "log10 Fisher score"), (axes[1], ranks, "plasma", "assigned rank (blank: excluded)"))
+    for ax, data, cmap, title in panels:
+        image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    if layers <= 32:  # small enough to print each rank in its cell
+        middle = (np.nanmin(ranks) + np.nanmax(ranks)) / 2 if np.isfinite(ranks).any() else 0
+        for (row, col), value in np.ndenumerate(ranks):
+            if not np.isnan(value):
+                axes[1].text(col, row, str(int(value)), ha="center", va="center", fontsize=6,
+                             color="black" if value > middle else "white")
+    fig.suptitle(f"Preprocessing++ map: {len(fmap.rank_pattern)} of {len(result.modules)} modules adapted, "
+                 f"focus {fmap.timestep_focus}, {fmap.budget_mode or 'median'} budget at rank {fmap.base_rank}")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

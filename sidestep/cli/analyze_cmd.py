@@ -1,0 +1,213 @@
+"""`sidestep analyze`: Preprocessing++ — measure which DiT modules react to a dataset and write fisher_map.json."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.prompt import Confirm
+from rich.table import Table
+
+from sidestep.cli import output
+from sidestep.cli.app import app
+from sidestep.cli.options import (
+    AllowTurboOpt,
+    AlphaRatioOpt,
+    BaseVariantOpt,
+    BatchesPerRunOpt,
+    BudgetOpt,
+    CheckpointDirOpt,
+    ConvergencePatienceOpt,
+    DatasetDirOpt,
+    DeviceOpt,
+    GradientCheckpointingOpt,
+    JsonOpt,
+    MapOutputOpt,
+    ModelOpt,
+    NoInitOpt,
+    PrecisionOpt,
+    RankMaxOpt,
+    RankMinOpt,
+    RankOpt,
+    RankSignalOpt,
+    RunsOpt,
+    SeedOpt,
+    SkipBadOpt,
+    TimestepFocusOpt,
+    WeightRankOpt,
+    YesOpt,
+)
+from sidestep.errors import ConfigError
+
+__all__ = ["analyze", "print_preview", "summary_json"]
+
+
+@app.command()
+def analyze(
+    dataset_dir: DatasetDirOpt = None,
+    timestep_focus: TimestepFocusOpt = "balanced",
+    rank: RankOpt = 64,
+    rank_min: RankMinOpt = 16,
+    rank_max: RankMaxOpt = 128,
+    convergence_patience: ConvergencePatienceOpt = 5,
+    checkpoint_dir: CheckpointDirOpt = None,
+    model: ModelOpt = None,
+    base_variant: BaseVariantOpt = None,
+    yes: YesOpt = False,
+    seed: SeedOpt = 42,
+    runs: RunsOpt = None,
+    batches_per_run: BatchesPerRunOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    output_path: MapOutputOpt = None,
+    json: JsonOpt = False,
+    budget: BudgetOpt = "median",
+    alpha_ratio: AlphaRatioOpt = 2.0,
+    rank_signal: RankSignalOpt = "data",
+    allow_turbo: AllowTurboOpt = False,
+    gradient_checkpointing: GradientCheckpointingOpt = None,
+    skip_bad: SkipBadOpt = False,
+    weight_rank: WeightRankOpt = True,
+    no_init: NoInitOpt = False,
+) -> None:
+    """Preprocessing++: find the modules that react to your data, give them adaptive ranks, write fisher_map.json."""
+    from sidestep.analysis.config import AnalysisConfig  # imports torch: keep `sidestep --help` fast
+    from sidestep.analysis.run import LR_ADVICE, analyze_dataset
+    from sidestep.models.select import choose_model, choose_runtime
+
+    if dataset_dir is None:
+        raise ConfigError("--dataset-dir is required: the folder of preprocessed .pt files to analyse.")
+    config = AnalysisConfig(
+        dataset_dir=dataset_dir, output=output_path, timestep_focus=timestep_focus, base_rank=rank,
+        rank_min=rank_min, rank_max=rank_max, budget=budget, alpha_ratio=alpha_ratio, rank_signal=rank_signal,
+        runs=runs, batches_per_run=batches_per_run, convergence_patience=convergence_patience, seed=seed,
+        weight_rank=weight_rank, allow_turbo=allow_turbo, skip_bad=skip_bad, write_init=not no_init,
+    )
+    if not yes and not sys.stdin.isatty():
+        raise ConfigError("Cannot ask whether to save fisher_map.json because stdin is not a terminal; pass --yes.")
+    choice = choose_model(checkpoint_dir, model, base_variant)
+    runtime = choose_runtime(device, precision, gradient_checkpointing)
+    output.info(f"Model {choice.entry.label}; {runtime.reason}.")
+    bar = _ProgressBar()
+    try:
+        outcome = analyze_dataset(config, choice, runtime, on_progress=bar.update,
+                                  confirm=_confirm(yes, before=bar.stop), on_warning=output.warn)
+    finally:
+        bar.stop()
+    if outcome.saved:
+        output.success(f"Saved {outcome.path}" + (f" (previous map kept as {outcome.backup.name})" if outcome.backup else ""))
+        if outcome.report_png is not None:
+            output.info(f"Heatmap: {outcome.report_png}")
+        if outcome.init_path is not None:
+            output.info(f"Init bases: {outcome.init_path} (use with `sidestep train --init gradient`)")
+        output.info(f"`sidestep train --dataset-dir {config.dataset_dir}` will use it. {LR_ADVICE}")
+    else:
+        output.info("Not saved; nothing was written.")
+    if json:
+        output.emit_json(summary_json(outcome))
+
+
+class _ProgressBar:
+    """The engine's progress callback drawn as a rich bar on stderr; `stop()` before prompting."""
+
+    def __init__(self) -> None:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rho]}"))
+        self._bar = Progress(*columns, console=output.console, transient=True)
+        self._task = self._bar.add_task("Loading model", total=None, rho="")
+        self._bar.start()
+
+    def update(self, p: Any) -> None:
+        if p.phase == "fisher":
+            rho = "" if p.spearman is None else f"stability ρ {p.spearman:.3f}" + (" ✓" if p.converged else "")
+            self._bar.update(self._task, description=f"Fisher run {p.run}/{p.runs}", completed=p.done,
+                             total=p.total, rho=rho)
+        elif p.phase == "weight-rank":
+            self._bar.update(self._task, description="Weight SVDs", rho="")
+
+    def stop(self) -> None:
+        self._bar.stop()
+
+
+def _confirm(yes: bool, before: Callable[[], None]) -> Callable[[Any], bool]:
+    def ask(fmap: Any) -> bool:
+        from sidestep.analysis.report import build_preview
+
+        before()
+        print_preview(build_preview(fmap))
+        if yes:
+            return True
+        return Confirm.ask("Save fisher_map.json?", default=False, console=output.console)
+
+    return ask
+
+
+def print_preview(preview) -> None:
+    """The rich preview: per-category counts, rank histogram, top modules, low-confidence list, parameter cost."""
+    console = output.console
+    table = Table(title="Modules per category", title_justify="left")
+    for column in ("category", "included", "excluded"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for c in preview.categories:
+        table.add_row(c.category, str(c.included), str(c.excluded))
+    console.print(table)
+    histogram = Table(title="Rank histogram", title_justify="left")
+    histogram.add_column("rank", justify="right")
+    histogram.add_column("modules", justify="right")
+    histogram.add_column("")
+    most = max((n for _, n in preview.rank_histogram), default=1)
+    for rank, count in preview.rank_histogram:
+        histogram.add_row(str(rank), str(count), "█" * max(1, round(24 * count / most)))
+    console.print(histogram)
+    top = Table(title=f"Top {len(preview.top)} modules", title_justify="left")
+    for column in ("module", "Fisher score", "data rank", "weight rank", "rank"):
+        top.add_column(column, justify="left" if column == "module" else "right")
+    for m in preview.top:
+        top.add_row(m.name, f"{m.fisher:.3e}", _opt(m.data_rank), _opt(m.weight_rank), str(m.rank))
+    console.print(top)
+    console.print(f"Adapted {preview.adapted} of {preview.targetable} modules; median rank {preview.median_rank:g}; "
+                  f"trainable parameters {preview.trainable_params:,} vs {preview.flat_equivalent_params:,} for a flat "
+                  f"LoRA on every module ({_ratio(preview)}).")
+    runs = "; ".join(f"run {r}: {b} batches, ρ {_opt(s, '.3f')}{' (converged)' if c else ''}" for r, b, s, c in preview.runs)
+    console.print(f"Convergence: {runs}; agreement between runs ρ {_opt(preview.cross_run_spearman, '.3f')}.")
+    if preview.low_confidence:
+        shown = ", ".join(preview.low_confidence[:8]) + (" …" if len(preview.low_confidence) > 8 else "")
+        output.warn(f"{len(preview.low_confidence)} low-confidence module(s) (cross-run std > 50% of the score): {shown}")
+
+
+def summary_json(outcome) -> dict[str, Any]:
+    """The machine-readable summary printed by --json."""
+    fmap = outcome.map
+    ranks = sorted(fmap.rank_pattern.values())
+    return {
+        "saved": outcome.saved,
+        "path": str(outcome.path) if outcome.path else None,
+        "backup": str(outcome.backup) if outcome.backup else None,
+        "report": str(outcome.report_png) if outcome.report_png else None,
+        "init": str(outcome.init_path) if outcome.init_path else None,
+        "model_variant": fmap.model_variant,
+        "timestep_focus": fmap.timestep_focus,
+        "adapted_modules": len(fmap.rank_pattern),
+        "excluded_modules": len(fmap.excluded_modules),
+        "ranks": {"min": ranks[0] if ranks else None, "max": ranks[-1] if ranks else None, "base": fmap.base_rank},
+        "trainable_params": fmap.trainable_params,
+        "flat_equivalent_params": fmap.flat_equivalent_params,
+        "num_runs": fmap.num_runs,
+        "total_batches": fmap.total_batches,
+        "cross_run_spearman": fmap.convergence.cross_run_spearman if fmap.convergence else None,
+        "low_confidence_modules": list(fmap.low_confidence_modules),
+        "warnings": list(outcome.warnings),
+        "skipped": list(outcome.skipped),
+        "seconds": round(outcome.result.seconds, 3),
+    }
+
+
+def _opt(value: Any, fmt: str = "") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _ratio(preview) -> str:
+    if not preview.flat_equivalent_params:
+        return "no flat budget"
+    return f"{preview.trainable_params / preview.flat_equivalent_params:.0%} of it"

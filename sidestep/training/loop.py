@@ -1,0 +1,250 @@
+"""The training loop: one readable function, a comment per phase (nanoGPT style), plus its small helpers.
+
+Everything random is derived from (seed, position), never from a shared stream: the sample order of
+epoch E from (seed, E), and the crop, CFG dropout, timesteps and noise of micro-batch M from (seed, M, rank).
+So the state to resume is just the step count (plus optimizer, scheduler and the global RNG that adapter
+dropout uses), it does not depend on the number of processes, and each rank can take its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sidestep.data import Batch, DatasetSpec, Sample, collate, load_sample
+from sidestep.errors import Interrupted, TrainingDiverged
+from sidestep.models.device import Runtime
+from sidestep.objective import TimestepSampler, apply_cfg_dropout, flow_matching_loss, noise_like
+from sidestep.training.config import OptimizerKind, SchedulerKind, TrainConfig
+from sidestep.training.events import OnEvent, Progress
+
+__all__ = ["LoopState", "LoopContext", "Optimization", "SampleOrder", "train_loop", "build_optimization",
+           "lr_factor", "check_loss", "capture_rng", "restore_rng", "EMA_BETA"]
+
+EMA_BETA = 0.9
+_MIN_GUARD_STEPS = 10  # the loss EMA needs some history before a spike means anything
+_MASK64 = (1 << 63) - 1
+
+
+@dataclass
+class LoopState:
+    """Progress that survives a restart; `rng` is the global RNG captured at this step boundary."""
+
+    step: int = 0
+    loss_ema: float | None = None
+    rng: dict[str, Any] | None = None
+    last_checkpoint: Path | None = None
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    params: list[torch.nn.Parameter]
+
+
+class SampleOrder:
+    """Epoch-seeded shuffling, shardable per rank, with optional random crops; micro-batch M -> Batch."""
+
+    def __init__(self, files: tuple[Path, ...], spec: DatasetSpec, batch_size: int, seed: int,
+                 max_length: int | None = None, rank: int = 0, world_size: int = 1, cache: bool = True):
+        self.files, self.spec, self.batch_size, self.seed = files, spec, batch_size, seed
+        self.max_length, self.rank, self.world_size = max_length, rank, world_size
+        per_rank = math.ceil(len(files) / world_size)
+        self.micro_per_epoch = math.ceil(per_rank / batch_size)
+        self._cache: dict[int, Sample] | None = {} if cache else None
+        self._perm: tuple[int, list[int]] | None = None
+
+    def indices(self, micro: int) -> list[int]:
+        """Sample indices of micro-batch `micro` for this rank (a short shard wraps around)."""
+        epoch, pos = divmod(micro, self.micro_per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
+            self._perm = (epoch, torch.randperm(len(self.files), generator=gen).tolist())
+        shard = self._perm[1][self.rank :: self.world_size]
+        if len(shard) < self.micro_per_epoch * self.batch_size and self.world_size > 1:
+            shard = (shard * (self.micro_per_epoch * self.batch_size))[: self.micro_per_epoch * self.batch_size]
+        return shard[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def batch(self, micro: int, gen: torch.Generator) -> Batch:
+        samples = []
+        for index in self.indices(micro):
+            sample = self._load(index)
+            if self.max_length is not None and sample.length > self.max_length:
+                start = int(torch.randint(sample.length - self.max_length + 1, (1,), generator=gen))
+                sample = sample.crop(start, self.max_length)
+            samples.append(sample)
+        return collate(samples)
+
+    def _load(self, index: int) -> Sample:
+        if self._cache is None:
+            return load_sample(self.files[index], self.spec)
+        if index not in self._cache:
+            self._cache[index] = load_sample(self.files[index], self.spec)
+        return self._cache[index]
+
+
+@dataclass
+class LoopContext:
+    model: torch.nn.Module
+    order: SampleOrder
+    opt: Optimization
+    config: TrainConfig
+    sampler: TimestepSampler
+    null_embedding: torch.Tensor | None
+    runtime: Runtime
+    total_steps: int
+    checkpoint: Callable[[LoopState], Path]  # writes a resumable checkpoint of the current weights
+    advice: str  # appended to a divergence error
+    rank: int = 0
+    on_event: OnEvent = field(default=lambda event: None)
+
+
+def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
+    """Run optimizer steps from `state.step` to `ctx.total_steps`; returns the final state."""
+    cfg, opt, model, rt = ctx.config, ctx.opt, ctx.model, ctx.runtime
+    autocast = torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)
+    started, start_step = time.perf_counter(), state.step
+    if state.rng is None:
+        state.rng = capture_rng()
+    model.train()
+    try:
+        while state.step < ctx.total_steps:
+            # ---- forward/backward over grad_accum micro-batches; all randomness from (seed, micro index)
+            step_loss = 0.0
+            for k in range(cfg.grad_accum):
+                micro = state.step * cfg.grad_accum + k
+                gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, ctx.rank))
+                batch = ctx.order.batch(micro, gen).to(rt.device, rt.dtype)
+                cond = apply_cfg_dropout(batch.encoder_hidden_states, ctx.null_embedding, cfg.cfg_dropout, gen)
+                t = ctx.sampler.sample(batch.size, gen)
+                noise = noise_like(batch.target_latents, gen)
+                with autocast:
+                    loss = flow_matching_loss(model, batch, t, noise, encoder_hidden_states=cond)
+                opt.scaler.scale(loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+
+            # ---- clip (after unscaling fp16 grads); a non-finite norm is divergence, unless the fp16 loss
+            # scaler overflowed, which it handles itself by skipping the step and lowering its scale
+            opt.scaler.unscale_(opt.optimizer)
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(opt.params, max_norm))
+            grad_norm = 0.0 if opt.scaler.is_enabled() and not math.isfinite(grad_norm) else grad_norm
+
+            # ---- loss-spike guard: stop before a bad update, the last checkpoint stays the good one
+            problem = check_loss(step_loss, grad_norm, state, cfg)
+            if problem:
+                opt.optimizer.zero_grad(set_to_none=True)
+                where = state.last_checkpoint or "none was saved yet"
+                raise TrainingDiverged(f"{problem} at step {state.step + 1}; training stopped, last good "
+                                       f"checkpoint: {where}. {ctx.advice}")
+
+            # ---- optimizer and lr schedule
+            opt.scaler.step(opt.optimizer)
+            opt.scaler.update()
+            opt.scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+
+            # ---- bookkeeping: step, EMA, RNG at the new boundary
+            ema = step_loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * step_loss
+            state = replace(state, step=state.step + 1, loss_ema=ema, rng=capture_rng())
+
+            # ---- checkpoint every save_every epochs (the final adapter is written by the caller)
+            done_before = ((state.step - 1) * cfg.grad_accum) // ctx.order.micro_per_epoch
+            done = (state.step * cfg.grad_accum) // ctx.order.micro_per_epoch
+            if cfg.save_every and done > done_before and done % cfg.save_every == 0 and state.step < ctx.total_steps:
+                state.last_checkpoint = ctx.checkpoint(state)
+
+            # ---- progress (a KeyboardInterrupt raised here is handled like Ctrl-C)
+            rate = (state.step - start_step) / max(time.perf_counter() - started, 1e-9)
+            ctx.on_event(Progress(state.step, ctx.total_steps, state.step * cfg.grad_accum / ctx.order.micro_per_epoch,
+                                  step_loss, ema, opt.scheduler.get_last_lr()[0], rate))
+    except KeyboardInterrupt:
+        # ---- Ctrl-C: drop the half-accumulated step, save a resumable checkpoint, stop
+        opt.optimizer.zero_grad(set_to_none=True)
+        path = ctx.checkpoint(state)
+        raise Interrupted(f"Interrupted at step {state.step}; a resumable checkpoint is in {path} "
+                          f"(continue with --resume latest).") from None
+    finally:
+        model.eval()
+    return state
+
+
+def check_loss(loss: float, grad_norm: float, state: LoopState, cfg: TrainConfig) -> str | None:
+    """Why this step must not be applied (NaN/Inf loss or gradient, or a spike over the EMA), else None."""
+    if not math.isfinite(loss):
+        return f"The loss became {_bad(loss)}"
+    if not math.isfinite(grad_norm):
+        return f"The gradient norm became {_bad(grad_norm)}"
+    guard_from = max(cfg.warmup_steps, _MIN_GUARD_STEPS)
+    if cfg.spike_factor > 0 and state.loss_ema is not None and state.step >= guard_from:
+        if loss > cfg.spike_factor * state.loss_ema:
+            return f"The loss spiked to {loss:.4g} ({loss / state.loss_ema:.1f}x its average {state.loss_ema:.4g})"
+    return None
+
+
+def _bad(value: float) -> str:
+    return "NaN" if math.isnan(value) else "Inf"
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: SchedulerKind) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind is SchedulerKind.CONSTANT:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind is SchedulerKind.LINEAR:
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimization(params: list[torch.nn.Parameter], cfg: TrainConfig, total_steps: int,
+                       runtime: Runtime) -> Optimization:
+    """Optimizer over the adapter's fp32 weights, warmup + schedule, and a loss scaler for fp16 on CUDA."""
+    if cfg.optimizer is OptimizerKind.ADAMW8BIT:
+        import bitsandbytes as bnb  # checked importable by TrainConfig
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer is OptimizerKind.PRODIGY:
+        from prodigyopt import Prodigy  # checked importable by TrainConfig
+
+        optimizer = Prodigy(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.warmup_steps, cfg.scheduler))
+    fp16_cuda = runtime.dtype == torch.float16 and runtime.device.type == "cuda"
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=fp16_cuda)
+    return Optimization(optimizer, scheduler, scaler, params)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states (adapter dropout draws from them)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (splitmix-style), so nearby inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+    return h

@@ -1,0 +1,177 @@
+"""`train()`: the one library entry `sidestep train` calls: preflight, adapter plan, loop, saving."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sidestep import __version__
+from sidestep.data import DatasetSpec, scan_dataset
+from sidestep.errors import ConfigError
+from sidestep.models import LoadedModel, Runtime, load_model, variant_defaults
+from sidestep.models.loading import build_transformer
+from sidestep.models.select import ModelChoice
+from sidestep.models.variants import with_config
+from sidestep.objective import sampler_for_training
+from sidestep.training import saving
+from sidestep.training.adapters import AdapterPlan, MapSummary, attach_adapter, module_shapes, plan_adapter, summarize
+from sidestep.training.config import TrainConfig
+from sidestep.training.events import CheckpointSaved, Notice, OnEvent, Started, noop
+from sidestep.training.loop import (LoopContext, LoopState, Optimization, SampleOrder, build_optimization, capture_rng,
+                                    restore_rng, train_loop)
+
+__all__ = ["TrainOutcome", "train"]
+
+_CACHE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    final_dir: Path
+    steps: int
+    loss_ema: float | None
+    adaptive: bool
+    trainable_params: int
+    modules: int
+    run_json: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"final_dir": str(self.final_dir), "steps": self.steps, "loss_ema": self.loss_ema,
+                "adaptive": self.adaptive, "trainable_params": self.trainable_params, "modules": self.modules,
+                "run_json": str(self.run_json)}
+
+
+def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: OnEvent = noop) -> TrainOutcome:
+    """Train an adapter on `config.dataset_dir` and save it under `config.output_dir`."""
+    # ---- preflight: every file checked, map read, output folder settled, before any weight is loaded
+    entry = choice.entry
+    pre = _preflight(config, choice, on_event)
+    plan, resume_dir, resumed, order, total = pre.plan, pre.resume_dir, pre.resumed, pre.order, pre.total
+
+    # ---- model and adapter (seeded init; resumed weights replace it)
+    loaded = load_model(entry, runtime)
+    torch.manual_seed(config.seed)
+    trainable = attach_adapter(loaded.transformer, plan, config.init)
+    if resume_dir is not None:
+        saving.load_adapter_weights(loaded.transformer, saving.read_adapter_dir(resume_dir).tensors)
+
+    # ---- optimizer, schedule and the state to continue from
+    named = sorted((n, p) for n, p in loaded.transformer.named_parameters() if p.requires_grad)
+    opt = build_optimization([p for _, p in named], config, total, runtime)
+    state = LoopState()
+    if resumed is not None:
+        state = _restore(resumed, opt, resume_dir)
+    run_json = saving.write_run_json(config.output_dir, _run_record(config, choice, runtime, loaded, plan, total))
+    sampler = sampler_for_training(config.timestep_mode, loaded.variant)
+    mode = config.timestep_mode or ("discrete" if loaded.variant.is_turbo else "continuous")
+    on_event(Started(entry.label, runtime.reason, len(order.files), math.ceil(order.micro_per_epoch / config.grad_accum),
+                     total, state.step, trainable, plan.adaptive, mode))
+
+    # ---- train, checkpointing every save_every epochs and on Ctrl-C
+    def checkpoint(st: LoopState, final: bool = False) -> Path:
+        path = saving.final_dir(config.output_dir) if final else saving.checkpoint_dir(config.output_dir, st.step)
+        epoch = st.step * config.grad_accum / order.micro_per_epoch
+        saving.save_adapter_dir(path, plan, loaded.transformer, _state_payload(st, epoch, opt, config, plan))
+        on_event(CheckpointSaved(path, st.step, final))
+        return path
+
+    ctx = LoopContext(loaded.transformer, order, opt, config, sampler, loaded.null_condition_emb, runtime, total,
+                      checkpoint, _advice(plan, loaded.variant.is_turbo), on_event=on_event)
+    state = train_loop(ctx, state)
+    saving.backup_final(config.output_dir)  # a resumed run that extends a finished one keeps the old as final.bak
+    final = checkpoint(state, final=True)
+    return TrainOutcome(final, state.step, state.loss_ema, plan.adaptive, trainable, len(plan.ranks), run_json)
+
+
+@dataclass(frozen=True)
+class _Preflight:
+    plan: AdapterPlan
+    resume_dir: Path | None
+    resumed: dict[str, Any] | None
+    order: SampleOrder
+    total: int
+
+
+def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _Preflight:
+    """Dataset scan, adapter plan (map + warnings), resume state and the output folder; no weights loaded."""
+    entry = choice.entry
+    spec = DatasetSpec.from_model_config(entry.config)
+    scan = scan_dataset(config.dataset_dir, spec)
+    variant = with_config(variant_defaults(entry.variant or "base"), entry.config)
+    plan = plan_adapter(config, variant.name, variant.is_turbo, int(entry.config["num_hidden_layers"]))
+    resume_dir = saving.resolve_resume(config.output_dir, config.resume) if config.resume else None
+    resumed = saving.load_training_state(resume_dir) if resume_dir else None
+    if resumed is not None:
+        plan = _resumed_plan(resumed, plan, resume_dir, on_event)
+    cache = sum(p.stat().st_size for p in scan.files) <= _CACHE_BYTES  # small datasets stay in RAM
+    order = SampleOrder(scan.files, spec, config.batch_size, config.seed, config.max_latent_length, cache=cache)
+    total = config.max_steps or math.ceil(config.epochs * order.micro_per_epoch / config.grad_accum)
+    if resumed is not None and int(resumed["step"]) >= total:
+        raise ConfigError(f"--resume {resume_dir} already has {resumed['step']} of {total} steps; raise "
+                          f"--epochs or --max-steps to train further.")
+    if plan.adaptive:  # sized on a weightless (meta) copy, so the summary comes before the slow load
+        on_event(_map_summary(plan, entry.config))
+    for message in plan.notices:
+        on_event(Notice(message))
+    continuing = resume_dir is not None and Path(config.output_dir).resolve() in resume_dir.resolve().parents
+    saving.prepare_output(config.output_dir, resuming=continuing, overwrite=config.overwrite)
+    return _Preflight(plan, resume_dir, resumed, order, total)
+
+
+def _map_summary(plan: AdapterPlan, model_config: dict[str, Any]) -> MapSummary:
+    meta = build_transformer(model_config, "meta").requires_grad_(False)
+    shapes = module_shapes(meta)
+    return summarize(plan, shapes, attach_adapter(meta, plan), plan.base_rank)
+
+
+def _resumed_plan(resumed: dict[str, Any], current: AdapterPlan, resume_dir: Path, on_event: OnEvent) -> AdapterPlan:
+    """Resuming keeps the checkpoint's adapter layout, whatever the map or flags say now."""
+    plan = AdapterPlan.from_json(resumed["plan"])
+    if (plan.kind, plan.ranks, plan.alphas) != (current.kind, current.ranks, current.alphas):
+        on_event(Notice(f"Resuming with the adapter layout saved in {resume_dir} ({len(plan.ranks)} modules); "
+                        "the current map or --rank/--target-modules differ and are not used.", "info"))
+    return replace(plan, notices=current.notices if plan.adaptive else ())
+
+
+def _restore(resumed: dict[str, Any], opt: Optimization, resume_dir: Path) -> LoopState:
+    opt.optimizer.load_state_dict(resumed["optimizer"])
+    opt.scheduler.load_state_dict(resumed["scheduler"])
+    if resumed.get("scaler"):
+        opt.scaler.load_state_dict(resumed["scaler"])
+    restore_rng(resumed.get("rng"))
+    return LoopState(int(resumed["step"]), resumed.get("loss_ema"), resumed.get("rng") or capture_rng(), resume_dir)
+
+
+def _state_payload(st: LoopState, epoch: float, opt: Optimization, config: TrainConfig,
+                   plan: AdapterPlan) -> dict[str, Any]:
+    return {"step": st.step, "epoch": epoch, "loss_ema": st.loss_ema, "rng": st.rng, "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
+            "config": config.to_json(), "plan": plan.to_json()}
+
+
+def _advice(plan: AdapterPlan, is_turbo: bool) -> str:
+    if plan.adaptive:
+        base = " or train on base" if is_turbo else ""
+        return ("Lower --lr (e.g. 5e-5) and check samples early; if the loss keeps spiking, delete "
+                f"fisher_map.json or pass --ignore-fisher-map{base}.")
+    return "Lower --lr (e.g. by half), keep --max-grad-norm on, and check the dataset; then --resume the checkpoint."
+
+
+def _run_record(config: TrainConfig, choice: ModelChoice, runtime: Runtime, loaded: LoadedModel,
+                plan: AdapterPlan, total: int) -> dict[str, Any]:
+    return {
+        "tool": {"name": "sidestep", "version": __version__},
+        "started_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "config": config.to_json(),
+        "total_steps": total,
+        "model": {"name": choice.entry.name, "path": str(choice.entry.path), "layout": choice.entry.layout.value,
+                  "variant": loaded.variant.name, "num_layers": loaded.num_layers, "sources": choice.sources},
+        "runtime": {"device": str(runtime.device), "precision": runtime.precision,
+                    "gradient_checkpointing": runtime.gradient_checkpointing, "reason": runtime.reason},
+        "adapter": {**plan.to_json(), "overrides": list(plan.overrides)},
+    }

@@ -1,0 +1,173 @@
+"""`sidestep analyze` end to end on the tiny real architecture: flags, bad input, confirmation, --json."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidestep.cli.app import main
+from sidestep.testing.tiny import tiny_config, write_original_checkpoint
+
+FAST = ["--rank", "8", "--rank-min", "4", "--rank-max", "16", "--batches-per-run", "3", "--runs", "2",
+        "--device", "cpu", "--precision", "fp32"]
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _main(monkeypatch, capsys, *args: str, stdin: io.StringIO | None = None) -> tuple[int, str, str]:
+    """Run the real entry point in-process: exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["sidestep", *args])
+    monkeypatch.setattr(sys, "stdin", stdin if stdin is not None else io.StringIO(""))
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return exited.value.code or 0, captured.out, captured.err
+
+
+def _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, *extra: str, stdin=None):
+    return _main(monkeypatch, capsys, "analyze", "--dataset-dir", str(dataset_dir),
+                 "--checkpoint-dir", str(checkpoint_root), *FAST, *extra, stdin=stdin)
+
+
+def _written(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".pt"))
+
+
+def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_root, dataset_dir):
+    code, out, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["saved"] and summary["path"] == str(dataset_dir / "fisher_map.json")
+    assert summary["report"] == str(dataset_dir / "fisher_map.png") and summary["num_runs"] == 2
+    assert summary["total_batches"] == 6 and summary["ranks"]["base"] == 8
+    assert _written(dataset_dir) == ["fisher_init.safetensors", "fisher_map.json", "fisher_map.png"]
+    assert "Top 5 modules" in err and "Rank histogram" in err and "trainable parameters" in err
+    assert "5e-5" in err  # the learning-rate advice
+
+
+def test_prompt_yes_saves_and_prompt_no_writes_nothing(monkeypatch, capsys, checkpoint_root, dataset_dir):
+    code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, stdin=_Tty("n\n"))
+    assert code == 0 and "Save fisher_map.json?" in err and "nothing was written" in err
+    assert _written(dataset_dir) == []
+    code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--budget", "flat",
+                            "--timestep-focus", "texture", stdin=_Tty("y\n"))
+    assert code == 0, err
+    data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
+    assert data["budget_mode"] == "flat" and data["timestep_focus"] == "texture"
+    assert data["timestep_range"] == [0.0, 0.4]
+
+
+def test_overwrite_keeps_bak(monkeypatch, capsys, checkpoint_root, dataset_dir):
+    (dataset_dir / "fisher_map.json").write_text('{"old": true}\n', encoding="utf-8")
+    code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes")
+    assert code == 0, err
+    assert (dataset_dir / "fisher_map.json.bak").read_text(encoding="utf-8") == '{"old": true}\n'
+    assert "fisher_map.json.bak" in err
+
+
+def test_keyboard_interrupt_exits_130_and_writes_nothing(monkeypatch, capsys, checkpoint_root, dataset_dir):
+    from sidestep.analysis import engine
+
+    real_step = engine.FisherEngine.step
+    calls = []
+
+    def step(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(engine.FisherEngine, "step", step)
+    code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes")
+    assert code == 130 and "nothing was written" in err and "Traceback" not in err
+    assert _written(dataset_dir) == []
+
+
+def _turbo_root(tmp_path: Path) -> Path:
+    root = tmp_path / "turbo_ck"
+    write_original_checkpoint(root, tiny_config(num_layers=2, hidden=64, is_turbo=True), folder="acestep-v15-turbo")
+    return root
+
+
+BAD = [
+    ("rank 0", ["--rank", "0"], "--rank"),
+    ("min above max", ["--rank-min", "32", "--rank-max", "16"], "--rank-min"),
+    ("rank outside", ["--rank", "64"], "--rank 64"),
+    ("focus reversed", ["--timestep-focus", "0.8,0.2"], "--timestep-focus"),
+    ("focus unknown", ["--timestep-focus", "loud"], "--timestep-focus"),
+    ("runs 0", ["--runs", "0"], "--runs"),
+    ("batches 0", ["--batches-per-run", "0"], "--batches-per-run"),
+    ("patience 0", ["--convergence-patience", "0"], "--convergence-patience"),
+    ("budget", ["--budget", "wide"], "--budget"),
+    ("signal", ["--rank-signal", "magic"], "--rank-signal"),
+    ("alpha", ["--alpha-ratio", "0"], "--alpha-ratio"),
+    ("seed", ["--seed", "-1"], "--seed"),
+    ("no tty", ["--no-yes"], "--yes"),
+    ("output folder", ["--output", "{tmp}/missing/fisher_map.json"], "does not exist"),
+    ("output is dir", ["--output", "{tmp}"], "is a folder"),
+    ("device", ["--device", "tpu"], "--device"),
+    ("model", ["--model", "sft"], "No model 'sft'"),
+    ("dataset missing", ["--dataset-dir", "{tmp}/nope"], "does not exist"),
+    ("dataset empty", ["--dataset-dir", "{tmp}/empty"], "has no .pt files"),
+    ("corrupt sample", ["--corrupt"], "song_00.pt"),
+    ("no checkpoint dir", ["--no-checkpoint-dir"], "--checkpoint-dir"),
+    ("turbo", ["--turbo"], "--allow-turbo"),
+]
+
+
+@pytest.mark.parametrize("label, args, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_clear_line_and_writes_nothing(monkeypatch, capsys, checkpoint_root, dataset_dir, tmp_path,
+                                                        label, args, needle):
+    (tmp_path / "empty").mkdir()
+    head = ["analyze", "--dataset-dir", str(dataset_dir), "--checkpoint-dir", str(checkpoint_root)]
+    tail = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    yes = ["--yes"]
+    if tail == ["--no-yes"]:
+        tail, yes = [], []
+    elif tail == ["--corrupt"]:
+        tail = []
+        (dataset_dir / "song_00.pt").write_bytes(b"not a tensor file")
+    elif tail == ["--no-checkpoint-dir"]:
+        tail, head = [], head[:3]
+    elif tail == ["--turbo"]:
+        tail, head = ["--model", "turbo"], head[:3] + ["--checkpoint-dir", str(_turbo_root(tmp_path))]
+    code, out, err = _main(monkeypatch, capsys, *head, *FAST, *yes, *tail)
+    assert code == 1, err
+    assert needle in err and "Traceback" not in err and out == ""
+    assert err.count("Error:") == 1
+    assert _written(dataset_dir) == [] and not list(tmp_path.rglob("fisher_map*"))
+
+
+def test_missing_dataset_dir_flag(monkeypatch, capsys, checkpoint_root):
+    code, _, err = _main(monkeypatch, capsys, "analyze", "--checkpoint-dir", str(checkpoint_root), "--yes")
+    assert code == 1 and "--dataset-dir is required" in err
+
+
+def test_allow_turbo_runs_with_warning(monkeypatch, capsys, dataset_dir, tmp_path):
+    code, _, err = _main(monkeypatch, capsys, "analyze", "--dataset-dir", str(dataset_dir), "--checkpoint-dir",
+                         str(_turbo_root(tmp_path)), "--model", "turbo", "--allow-turbo", "--yes", *FAST)
+    assert code == 0, err
+    assert "turbo model" in err and "--ignore-fisher-map" in err
+    assert json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))["model_variant"] == "turbo"
+
+
+def test_real_process_bad_focus_exits_1_without_traceback(checkpoint_root, dataset_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDESTEP_")}
+    env["SIDESTEP_CONFIG_DIR"] = str(tmp_path / "config")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidestep", "analyze", "--dataset-dir", str(dataset_dir), "--checkpoint-dir",
+         str(checkpoint_root), "--timestep-focus", "0.9,0.1", "--yes"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "--timestep-focus" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert _written(dataset_dir) == []

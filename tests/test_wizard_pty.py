@@ -1,0 +1,157 @@
+"""The real wizard in a pseudo-terminal (pexpect): keys in, screens out, files on disk checked.
+
+One session walks the whole user journey on the tiny demo model: first-run setup → Preprocess audio →
+"Run Preprocessing++ now?" → go-back → the map is written → Ctrl-C at a prompt (back to the menu) →
+Ctrl-C at the menu (quit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+from sidestep.testing.demo import DEMO_MODEL  # noqa: E402
+from sidestep.testing.tiny import tiny_config, write_original_checkpoint  # noqa: E402
+from sidestep.testing.tiny_audio import setup_demo_audio  # noqa: E402
+
+SIDESTEP = Path(sys.executable).with_name("sidestep")
+TIMEOUT = 180  # generous: the machine running the suite may be busy
+UP, DOWN, ENTER, CTRL_C = "\x1b[A", "\x1b[B", "\r", "\x03"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CODES = r"(?:\x1b\[[0-9;?]*[ -/]*[@-~]|\s)*"  # escape codes and spaces between two visible things
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """The demo checkpoint (model, VAE, text encoder) and three short songs; preprocessing is the wizard's job."""
+    root = tmp_path_factory.mktemp("demo")
+    cfg = tiny_config(num_layers=4, hidden=64)
+    write_original_checkpoint(root / "checkpoints", cfg, seed=0)
+    audio = setup_demo_audio(root, count=3, text_hidden_dim=cfg["text_hidden_dim"], seed=0)
+    return {"root": root, "checkpoints": root / "checkpoints", "audio": audio}
+
+
+def _spawn(config_dir: Path) -> "pexpect.spawn":
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDESTEP_")}
+    env.update(SIDESTEP_CONFIG_DIR=str(config_dir), SIDESTEP_DEVICE="cpu", TERM="xterm", COLUMNS="120", LINES="40",
+               PROMPT_TOOLKIT_NO_CPR="1", OMP_NUM_THREADS="2")
+    return pexpect.spawn(str(SIDESTEP), [], env=env, dimensions=(40, 120), encoding="utf-8", timeout=TIMEOUT)
+
+
+class Screen:
+    """Wait for a prompt, then type; keeps the plain text seen so far for assertions."""
+
+    def __init__(self, child: "pexpect.spawn") -> None:
+        self.child = child
+        self.seen = ""
+
+    def wait(self, pattern: str) -> str:
+        self.child.expect(pattern)
+        chunk = _ANSI.sub("", self.child.before + self.child.after)
+        self.seen += chunk
+        return chunk
+
+    def answer(self, pattern: str, keys: str) -> str:
+        chunk = self.wait(pattern)
+        self.child.send(keys)
+        return chunk
+
+
+def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
+    config_dir, dataset = tmp_path / "config", tmp_path / "tensors"
+    child = _spawn(config_dir)
+    s = Screen(child)
+    try:
+        # First run: checkpoint folder and default model, then the menu.
+        s.answer("Checkpoint folder", str(demo["checkpoints"]) + ENTER)
+        s.answer("Default model", ENTER)
+        s.answer("What do you want to do", UP + ENTER)  # the pointer starts on Preprocessing++; Up = Preprocess
+        # Preprocess audio.
+        s.answer("Audio folder", str(demo["audio"]) + ENTER)
+        s.answer("Output folder", str(dataset) + ENTER)
+        s.answer("Dataset JSON", ENTER)
+        s.answer(r"Start preprocessing\?", "y")
+        s.answer(r"Run Preprocessing\+\+ on this dataset now\?", "y")
+        # Preprocessing++ with the new dataset pre-filled; go back once at a choice and once at a number.
+        s.answer("Load defaults from a preset", ENTER)
+        s.answer("Which model", ENTER)
+        s.answer("Dataset folder", ENTER)
+        s.answer("Timestep focus", DOWN + ENTER)  # texture
+        s.answer("Base rank", "b" + ENTER)
+        s.wait("Timestep focus")  # back here: the pointer is on the previous answer
+        assert "» texture" in s.answer("← Back", ENTER)
+        s.answer("Base rank", "8" + ENTER)
+        s.answer("Smallest rank", "b" + ENTER)
+        s.wait("Base rank")  # back again: the previous 8 is the default, shown in grey; Enter keeps it
+        s.answer(r"b = back\)" + _CODES + "8", ENTER)
+        s.answer("Smallest rank", "4" + ENTER)
+        s.answer("Largest rank", "16" + ENTER)
+        summary = s.answer(r"Run Preprocessing\+\+ now\?", "y")
+        assert "Preprocessing++ — about to run" in summary and "Estimated time" in summary
+        assert "median 8, range 4–16" in summary and "texture" in summary
+        s.answer(r"Save fisher_map\.json\?", "y")
+        s.answer(r"Train now with this map\?", "n")
+        # Ctrl-C at a prompt goes back to the menu; Ctrl-C at the menu quits.
+        s.answer("What do you want to do", DOWN + ENTER)  # Preprocessing++ -> Train
+        s.answer("Load defaults from a preset", CTRL_C)
+        s.answer("What do you want to do", CTRL_C)
+        s.wait("Bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, s.seen[-2000:]
+    assert "Cancelled; back to the main menu" in s.seen
+    stored = json.loads((config_dir / "settings.json").read_text())
+    assert stored["first_run_done"] is True and Path(stored["checkpoint_dir"]) == demo["checkpoints"]
+    assert stored["model"] == DEMO_MODEL
+    assert len(list(dataset.glob("*.pt"))) == 3
+    fmap = json.loads((dataset / "fisher_map.json").read_text())
+    assert fmap["timestep_focus"] == "texture"
+    assert all(4 <= r <= 16 for r in fmap["rank_pattern"].values())
+
+
+def test_turbo_refusal_in_the_terminal_writes_nothing(demo, tmp_path, tiny_cfg, dataset_dir):
+    root = tmp_path / "ckpt"
+    write_original_checkpoint(root, {**tiny_cfg, "is_turbo": True}, seed=0, folder="acestep-v15-turbo")
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "settings.json").write_text(json.dumps(
+        {"version": 1, "checkpoint_dir": str(root), "model": "turbo", "first_run_done": True}))
+    child = _spawn(config_dir)
+    s = Screen(child)
+    try:
+        s.answer("What do you want to do", ENTER)
+        s.answer("Load defaults from a preset", ENTER)
+        s.answer("Which model", ENTER)
+        s.answer("Dataset folder", str(dataset_dir) + ENTER)
+        s.answer("Timestep focus", ENTER)
+        s.answer("Base rank", "8" + ENTER)
+        s.answer("Smallest rank", "4" + ENTER)
+        s.answer("Largest rank", "16" + ENTER)
+        warning = s.answer(r"Analyse it anyway\?", "n")
+        assert "turbo model" in warning
+        s.answer("What do you want to do", CTRL_C)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert "Nothing was written" in s.seen
+    assert not (dataset_dir / "fisher_map.json").exists()
+
+
+def test_refuses_without_a_terminal(tmp_path):
+    env = {**os.environ, "SIDESTEP_CONFIG_DIR": str(tmp_path)}
+    for args in ([], ["wizard"]):
+        done = subprocess.run([str(SIDESTEP), *args], capture_output=True, text=True,
+                              env=env, timeout=TIMEOUT, input="")
+        assert done.returncode == 1
+        assert "needs an interactive terminal" in done.stderr and "sidestep analyze" in done.stderr
+        assert done.stdout == ""
