@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from memory import memory_now, peak as peak_memory, reset_peak  # bench/memory.py (bench/ is on sys.path)
 import torch.nn.functional as F
 
 from sidestep.analysis.convergence import ConvergenceTracker, spearman
@@ -240,8 +242,8 @@ def _worker(args: argparse.Namespace) -> None:
         _warm_up(model, *batches[0])  # lazy kernel/allocator setup must not count for either arm
         batches = batches[1: 1 + args.memory_batches]
         gc.collect()
-        base = _memory_now(device)
-        _reset_peak(device)
+        base = memory_now(device)
+        reset_peak(device)
         if args.worker == "ours":
             with Ours(model, args.layers, args.rank_max, args.seed) as arm:
                 for batch in batches:
@@ -251,7 +253,7 @@ def _worker(args: argparse.Namespace) -> None:
             for batch in batches:
                 arm.batch(*batch)
         _sync(device)
-        peak = _peak(device)
+        peak = peak_memory(device)
     print(json.dumps({"peak_bytes": peak - base, "kind": "cuda max_memory_allocated" if device.type == "cuda"
                       else "peak RSS delta"}))
 
@@ -263,32 +265,12 @@ def _warm_up(model: torch.nn.Module, batch, t, noise) -> None:
     flow_matching_loss(model, batch, t, noise).backward()
 
 
-def _memory_now(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _status_kb("VmRSS") * 1024
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS (Linux >= 4.0)
-            fh.write("5")
 
 
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _status_kb("VmHWM") * 1024
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _memory(args: argparse.Namespace, arm: str) -> dict:

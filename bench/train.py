@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from memory import memory_now, peak as peak_memory, reset_peak  # bench/memory.py (bench/ is on sys.path)
+
 from sidestep.analysis.allocate import BudgetMode, RankBudget, allocate_ranks, select_modules
 from sidestep.analysis.modules import targetable_modules
 from sidestep.data import Batch
@@ -158,12 +160,12 @@ def _worker(args: argparse.Namespace) -> None:
     arm = Arm(args, arm_plans[args.worker], runtime)
     arm.step(*batches[0])
     gc.collect()
-    base = _memory_now(runtime.device)
-    _reset_peak(runtime.device)
+    base = memory_now(runtime.device)
+    reset_peak(runtime.device)
     for batch in batches[1:]:
         arm.step(*batch)
     _sync(runtime.device)
-    print(json.dumps({"peak_bytes": _peak(runtime.device) - base}))
+    print(json.dumps({"peak_bytes": peak_memory(runtime.device) - base}))
 
 
 def _shapes(args: argparse.Namespace) -> dict:
@@ -171,28 +173,12 @@ def _shapes(args: argparse.Namespace) -> dict:
         return module_shapes(build_tiny_transformer(_model_config(args)))
 
 
-def _memory_now(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _status_kb("VmRSS") * 1024
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS (Linux >= 4.0)
-            fh.write("5")
 
 
-def _peak(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_kb("VmHWM") * 1024
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _memory(argv: list[str], arm: str) -> int:
