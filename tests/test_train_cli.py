@@ -71,7 +71,7 @@ def test_train_flat_prints_progress_and_final_path(monkeypatch, capsys, tiny, tm
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--adapter", "ia3"], "--adapter 'ia3' is not one of lora|dora|lokr|loha"),
     (["--optimizer", "adamw8bit"], "needs bitsandbytes"),
-    (["--init", "gradient"], "--init gradient is not available yet"),
+    (["--init", "gradient"], "--init gradient needs the init bases"),
     (["--timestep-mode", "fast"], "--timestep-mode 'fast'"),
     (["--target-modules", "qkv"], "--target-modules 'qkv' matches no module"),
     (["--resume", "latest"], "--resume latest: no checkpoint"),

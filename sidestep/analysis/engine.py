@@ -197,24 +197,34 @@ def run_analysis(
     """Estimate every target module's Fisher score, data rank and (optionally) weight rank on `files`.
 
     Runs `config.runs_for(n)` seeded runs, each over a seeded subset, stopping a run early once its
-    ranking has converged. Raises `Interrupted` when `should_stop()` turns true.
+    ranking has converged. Raises `Interrupted` when `should_stop()` turns true. Under torchrun the batches
+    are split over the processes and the result equals one process's (see sidestep/analysis/sharded.py);
+    only process 0 reports progress.
     """
+    from sidestep.analysis import sharded
+    from sidestep.distributed import current
+
+    dist = current()
+    one_run, weight_ranks = _one_run, _weight_ranks
+    if dist.is_distributed:
+        one_run, weight_ranks = sharded.sharded_run, sharded.weight_ranks
     started = time.perf_counter()
     files = [Path(f) for f in files]
     if not files:
         raise ValueError("run_analysis needs at least one sample file.")
     names = targetable_modules(loaded.num_layers)
-    report = on_progress or (lambda _p: None)
+    report = on_progress if on_progress is not None and dist.is_main else (lambda _p: None)
     plan = _Plan(config.runs_for(len(files)), config.batches_for(len(files)))
     spec = DatasetSpec.from_model_config(loaded.entry.config)
     runs: list[RunInfo] = []
     with FisherEngine(loaded.transformer, names, config.sketch_k, config.seed) as engine:
         for run in range(plan.runs):
-            runs.append(_one_run(engine, config, loaded, files, spec, run, plan, report, should_stop))
+            runs.append(one_run(engine, config, loaded, files, spec, run, plan, report, should_stop))
         sketches = [z.detach() for z in engine.sketch]
         numel = engine.numel
-    weight_ranks = _weight_ranks(engine.weights, config, plan, report, should_stop)
-    modules = _module_stats(names, engine.weights, runs, sketches, numel, weight_ranks, config)
+    sharded.sum_sketches(sketches)  # no-op for one process
+    ranks = weight_ranks(engine.weights, config, plan, report, should_stop)
+    modules = _module_stats(names, engine.weights, runs, sketches, numel, ranks, config)
     report(Progress("done", plan.runs, plan.runs, runs[-1].batches, plan.batches, plan.done, plan.done))
     return AnalysisResult(
         modules=tuple(modules),

@@ -10,6 +10,7 @@ the file's name, sha256, k and seed (`FisherMap.init`), so a stale or swapped fi
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -63,8 +64,10 @@ def write_init(path: Path, bases: Mapping[str, torch.Tensor], k: int, seed: int)
     """Write the bases atomically (an existing file is kept as `.bak`); returns the map's reference and the .bak."""
     path = Path(path)
     tensors = {name: bases[name].to(torch.float16).contiguous() for name in sorted(bases, key=module_sort_key)}
-    data = save_safetensors(tensors, metadata={"format": INIT_FORMAT, "k": str(k), "seed": str(seed),
-                                               "naming": "original"})
+    # One metadata key only: safetensors stores metadata in a hash map, so several keys come out in a random
+    # order and the same bases would hash differently from one run to the next.
+    meta = json.dumps({"format": INIT_FORMAT, "k": int(k), "naming": "original", "seed": int(seed)}, sort_keys=True)
+    data = save_safetensors(tensors, metadata={"sidestep": meta})
     backup = backup_existing(path)
     write_bytes_atomic(path, data)
     return InitRef(file=path.name, sha256=hashlib.sha256(data).hexdigest(), k=int(k), seed=int(seed)), backup

@@ -116,6 +116,8 @@ def analyze_dataset(
     fmap, allocation = build_map(config, loaded, result, scan)
     fmap = replace(fmap, created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat())
     outcome = AnalysisOutcome(fmap, result, allocation, None, None, None, tuple(warnings), scan.problems)
+    if not _is_main_process():  # under torchrun the others measured their share; process 0 asks and writes
+        return outcome
     if confirm is not None and not confirm(fmap):
         return outcome
     return _save(config, outcome, on_warning)
@@ -177,6 +179,12 @@ def build_map(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResul
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _is_main_process() -> bool:
+    from sidestep.distributed import current
+
+    return current().is_main
 
 
 def _is_turbo(entry: ModelEntry) -> bool:

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from sidestep.cli import output
-from sidestep.errors import Interrupted, SidestepError
+from sidestep.errors import Interrupted, SidestepError, TrainingDiverged
 
 app = typer.Typer(
     name="sidestep",
@@ -37,14 +37,27 @@ _register_commands()
 
 
 def main() -> None:
+    from sidestep import distributed  # torchrun / accelerate launch: join the group; one process: no-op
+
+    peer = False
     try:
-        app()
+        with distributed.session() as dist:
+            peer = not dist.is_main
+            if peer:  # only process 0 talks; the others speak only when they fail
+                output.console.quiet = True
+                sys.stdout = open(os.devnull, "w")
+            app()
     except SidestepError as err:
         if os.environ.get("SIDESTEP_DEBUG") == "1":
             raise
-        output.error(str(err))
+        output.console.quiet = False
+        # Process 0 already printed the sentence of a failure it shared, of a Ctrl-C that reached all, or of a
+        # divergence that every process detected alike.
+        if not (isinstance(err, distributed.PeerFailed) or (peer and isinstance(err, (Interrupted, TrainingDiverged)))):
+            output.error(str(err))
         code = 130 if isinstance(err, Interrupted) else 1
         sys.exit(code)
     except KeyboardInterrupt:
+        output.console.quiet = False
         output.error("Interrupted; nothing half-written was left behind.")
         sys.exit(130)

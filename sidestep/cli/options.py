@@ -141,7 +141,7 @@ MaxLatentLengthOpt = Annotated[
     typer.Option("--max-latent-length", help="Random crop to this many latent frames (25 per second) to bound memory.",
                  show_default=False),
 ]
-InitOpt = Annotated[str, typer.Option("--init", help="Adapter init: default (peft's), or gradient (from analyze; not available yet).")]
+InitOpt = Annotated[str, typer.Option("--init", help="Adapter init: default (peft's random A), or gradient (LoRA A from the top gradient directions that `sidestep analyze` stored in fisher_init.safetensors).")]
 SpikeFactorOpt = Annotated[
     float, typer.Option("--spike-factor", help="Stop when the loss exceeds this × its running average; 0 disables.")
 ]

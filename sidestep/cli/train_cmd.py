@@ -138,6 +138,9 @@ class TrainDisplay:
         resumed = f", resuming at step {event.start_step}" if event.start_step else ""
         output.info(f"{event.samples} samples, {event.steps_per_epoch} steps/epoch, {event.total_steps} steps "
                     f"({mode}, {event.trainable_params:,} trainable parameters, timesteps {event.timestep_mode}{resumed}).")
+        if event.processes > 1:
+            output.info(f"{event.processes} processes: effective batch {event.effective_batch} "
+                        f"(batch × grad-accum × {event.processes} processes).")
         self.task = self.bar.add_task("train", total=event.total_steps, completed=event.start_step,
                                       epoch=0.0, loss="-", lr="-", rate="-")
         self.bar.start()

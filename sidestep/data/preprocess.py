@@ -40,6 +40,7 @@ from sidestep.data.metadata import (
     read_dataset_json,
     resolve_metadata,
 )
+from sidestep.distributed import current
 from sidestep.errors import AudioError, ConfigError, Interrupted
 from sidestep.fileio import atomic_path
 from sidestep.models.device import Runtime, resolve_runtime
@@ -176,23 +177,30 @@ def preprocess_audio(config: PreprocessConfig, on_event: Callable[[PreprocessEve
     dataset = read_dataset_json(config.dataset_json) if config.dataset_json else None
     # Preprocessing reads only the condition encoder, so a fine-tune's parent variant does not matter here.
     entry = find_model(config.checkpoint_dir, config.model, base_variant="base")
-    runtime = config.runtime or resolve_runtime(None, None, False)
+    dist = current()  # under torchrun each process takes every W-th file (preprocess_sharded.py)
+    runtime = dist.place(config.runtime or resolve_runtime(None, None, False))
+    on_event = on_event if dist.is_main else _noop
     job = _Job(config, entry, runtime, dataset, on_event, _output_names(files, audio_dir))
     outcomes: list[FileOutcome] = []
     try:
-        for index, path in enumerate(files):
-            source = path.relative_to(audio_dir).as_posix()
-            on_event(PreprocessEvent(Stage.START, index, len(files), source))
-            outcome = job.process(index, len(files), path, source)
-            outcomes.append(outcome)
-            on_event(PreprocessEvent(Stage.FINISH, index, len(files), source, 1, 1, outcome))
+        if dist.is_distributed:
+            from sidestep.data.preprocess_sharded import run_sharded
+
+            outcomes, used, encoded = run_sharded(job, files, audio_dir)
+        else:
+            for index, path in enumerate(files):
+                source = path.relative_to(audio_dir).as_posix()
+                on_event(PreprocessEvent(Stage.START, index, len(files), source))
+                outcome = job.process(index, len(files), path, source)
+                outcomes.append(outcome)
+                on_event(PreprocessEvent(Stage.FINISH, index, len(files), source, 1, 1, outcome))
+            used, encoded = set(job.json_entries_used), job.encoders is not None
     except KeyboardInterrupt:
         raise Interrupted(f"Preprocessing interrupted after {len(outcomes)} of {len(files)} files; no partial .pt "
                           "was left and a rerun continues where it stopped.") from None
-    used = {o for o in job.json_entries_used}
     unmatched = tuple(sorted(set(dataset.entries) - used)) if dataset else ()
     return PreprocessSummary(Path(config.output_dir), entry.name, tuple(outcomes),
-                             runtime.reason if job.encoders else "", unmatched)
+                             runtime.reason if encoded else "", unmatched)
 
 
 class _Job:

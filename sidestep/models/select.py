@@ -31,4 +31,7 @@ def choose_runtime(device: str | None, precision: str | None, gradient_checkpoin
     """Device and precision from flags > env > settings > auto."""
     dev = settings.resolve("device", device).value
     prec = settings.resolve("precision", precision).value
-    return resolve_runtime(dev, prec, gradient_checkpointing)
+    # Under torchrun / accelerate launch each process takes its own GPU (cuda:LOCAL_RANK).
+    from sidestep.distributed import current
+
+    return current().place(resolve_runtime(dev, prec, gradient_checkpointing))

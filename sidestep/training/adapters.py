@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
@@ -22,6 +22,7 @@ from sidestep.data import dataset_hash
 from sidestep.errors import ConfigError, MapError
 from sidestep.models.convert import diffusers_to_original, original_to_diffusers
 from sidestep.training.config import TARGET_GROUPS, AdapterKind, InitMode, TrainConfig
+from sidestep.training.grad_init import InitPlan, apply_gradient_init
 
 __all__ = ["AdapterPlan", "MapSummary", "plan_adapter", "flat_plan", "map_plan", "map_warnings", "resolve_targets",
            "peft_config", "attach_adapter", "module_shapes", "summarize", "ADAPTER_PARAM_MARKERS"]
@@ -166,10 +167,15 @@ def peft_config(plan: AdapterPlan, naming: Naming = "diffusers", task_type: str 
     return cls(r=plan.base_rank, alpha=_num(plan.base_alpha), rank_dropout=plan.dropout, **common)
 
 
-def attach_adapter(transformer: torch.nn.Module, plan: AdapterPlan, init: InitMode = InitMode.DEFAULT) -> int:
-    """Inject the plan's adapter (fp32 master weights) and check that exactly its parameters train."""
+def attach_adapter(transformer: torch.nn.Module, plan: AdapterPlan, init: InitPlan | None = None) -> int:
+    """Inject the plan's adapter (fp32 master weights) and check that exactly its parameters train.
+
+    `init` from `grad_init.resolve_init`: None or mode DEFAULT keeps peft's init; GRADIENT sets every LoRA A
+    from its stored basis (B stays zero, so the output is unchanged).
+    """
+    if init is not None and init.mode is InitMode.GRADIENT and plan.kind not in (AdapterKind.LORA, AdapterKind.DORA):
+        raise ConfigError(f"--init gradient does not apply to --adapter {plan.kind.value}; use --init default.")
     transformer.add_adapter(peft_config(plan, "diffusers"))
-    _INITIALIZERS[init](transformer, plan)
     adapted: set[str] = set()
     total = 0
     for name, param in transformer.named_parameters():
@@ -184,6 +190,8 @@ def attach_adapter(transformer: torch.nn.Module, plan: AdapterPlan, init: InitMo
     if adapted != set(plan.ranks):
         odd = sorted(adapted ^ set(plan.ranks))[:3]
         raise ConfigError(f"Internal check failed: the injected adapter differs from the plan on {odd}.")
+    if init is not None and init.mode is InitMode.GRADIENT:
+        apply_gradient_init(transformer, plan.ranks, init.bases)  # after the fp32 cast: A is set at full precision
     return total
 
 
@@ -222,10 +230,3 @@ def _split_adapter_name(param_name: str) -> tuple[str, str | None]:
 def _num(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
-
-def _default_init(transformer: torch.nn.Module, plan: AdapterPlan) -> None:
-    """peft's own init already ran in add_adapter."""
-
-
-# The seam for `--init gradient` (fisher_init.safetensors from analyze): add its initializer here.
-_INITIALIZERS: dict[InitMode, Callable[[torch.nn.Module, AdapterPlan], None]] = {InitMode.DEFAULT: _default_init}

@@ -36,12 +36,12 @@ class SchedulerKind(str, Enum):
 
 class InitMode(str, Enum):
     DEFAULT = "default"  # peft's init: A random, B zero (the adapter starts as a no-op)
-    GRADIENT = "gradient"  # from fisher_init.safetensors written by analyze (not available yet)
+    GRADIENT = "gradient"  # LoRA A from the top gradient directions in fisher_init.safetensors (analyze)
 
 
 TARGET_GROUPS = ("self_attn", "cross_attn", "mlp")
-# Init modes this build can run; `gradient` joins when fisher_init.safetensors support lands (adapters.py seam).
-AVAILABLE_INITS: frozenset[InitMode] = frozenset({InitMode.DEFAULT})
+# Init modes this build can run (sidestep/training/grad_init.py implements `gradient`).
+AVAILABLE_INITS: frozenset[InitMode] = frozenset({InitMode.DEFAULT, InitMode.GRADIENT})
 
 
 def parse_target_modules(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -130,6 +130,9 @@ class TrainConfig:
         self._check_optimizer()
         if self.init not in AVAILABLE_INITS:
             raise ConfigError(f"--init {self.init.value} is not available yet in this version; use --init default.")
+        if self.init is InitMode.GRADIENT and self.adapter in (AdapterKind.LOKR, AdapterKind.LOHA):
+            raise ConfigError(f"--init gradient sets a LoRA/DoRA A matrix and does not apply to --adapter "
+                              f"{self.adapter.value}; use --init default or --adapter lora/dora.")
 
     def _check_optimizer(self) -> None:
         if self.optimizer is OptimizerKind.ADAMW8BIT and importlib.util.find_spec("bitsandbytes") is None:

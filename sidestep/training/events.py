@@ -24,6 +24,8 @@ class Started:
     trainable_params: int
     adaptive: bool
     timestep_mode: str
+    processes: int = 1  # data-parallel processes (torchrun / accelerate launch)
+    effective_batch: int = 0  # samples per optimizer step: batch × grad-accum × processes
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The training loop: one readable function, a comment per phase (nanoGPT style), plus its small helpers.
 
 Everything random is derived from (seed, position), never from a shared stream: the sample order of
-epoch E from (seed, E), and the crop, CFG dropout, timesteps and noise of micro-batch M from (seed, M, rank).
+epoch E from (seed, E), and the crop, CFG dropout, timesteps and noise of global micro-batch G from (seed, G).
 So the state to resume is just the step count (plus optimizer, scheduler and the global RNG that adapter
 dropout uses), it does not depend on the number of processes, and each rank can take its own shard.
 """
@@ -50,7 +50,13 @@ class Optimization:
 
 
 class SampleOrder:
-    """Epoch-seeded shuffling, shardable per rank, with optional random crops; micro-batch M -> Batch."""
+    """Epoch-seeded shuffling, shardable per rank, with optional random crops; micro-batch M -> Batch.
+
+    Global micro-batch G of an epoch holds samples perm[G·b : (G+1)·b]; process `rank` of `world_size` runs
+    the global micro-batches rank, rank + world_size, ... (a disjoint shard; with several processes the
+    epoch's order is padded by wrapping so every process runs the same number of micro-batches). So N
+    processes × grad-accum A see exactly the micro-batches of one process × grad-accum N·A.
+    """
 
     def __init__(self, files: tuple[Path, ...], spec: DatasetSpec, batch_size: int, seed: int,
                  max_length: int | None = None, rank: int = 0, world_size: int = 1, cache: bool = True):
@@ -61,16 +67,22 @@ class SampleOrder:
         self._cache: dict[int, Sample] | None = {} if cache else None
         self._perm: tuple[int, list[int]] | None = None
 
+    def global_micro(self, micro: int) -> int:
+        """The layout-independent index of this rank's micro-batch `micro` (seeds its randomness)."""
+        return micro * self.world_size + self.rank
+
     def indices(self, micro: int) -> list[int]:
-        """Sample indices of micro-batch `micro` for this rank (a short shard wraps around)."""
+        """Sample indices of micro-batch `micro` for this rank (the last one of an epoch may be short)."""
         epoch, pos = divmod(micro, self.micro_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
             gen = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
-            self._perm = (epoch, torch.randperm(len(self.files), generator=gen).tolist())
-        shard = self._perm[1][self.rank :: self.world_size]
-        if len(shard) < self.micro_per_epoch * self.batch_size and self.world_size > 1:
-            shard = (shard * (self.micro_per_epoch * self.batch_size))[: self.micro_per_epoch * self.batch_size]
-        return shard[pos * self.batch_size : (pos + 1) * self.batch_size]
+            perm = torch.randperm(len(self.files), generator=gen).tolist()
+            if self.world_size > 1:  # DistributedSampler-style padding keeps the processes in lockstep
+                slots = self.micro_per_epoch * self.world_size * self.batch_size
+                perm = (perm * math.ceil(slots / len(perm)))[:slots]
+            self._perm = (epoch, perm)
+        start = (pos * self.world_size + self.rank) * self.batch_size
+        return self._perm[1][start : start + self.batch_size]
 
     def batch(self, micro: int, gen: torch.Generator) -> Batch:
         samples = []
@@ -102,8 +114,9 @@ class LoopContext:
     total_steps: int
     checkpoint: Callable[[LoopState], Path]  # writes a resumable checkpoint of the current weights
     advice: str  # appended to a divergence error
-    rank: int = 0
     on_event: OnEvent = field(default=lambda event: None)
+    # Several processes: averages the gradients of the params and the step loss over them (one all-reduce).
+    sync: Callable[[list[torch.nn.Parameter], float], float] | None = None
 
 
 def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
@@ -120,7 +133,7 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
             step_loss = 0.0
             for k in range(cfg.grad_accum):
                 micro = state.step * cfg.grad_accum + k
-                gen = torch.Generator().manual_seed(_mix(cfg.seed, micro, ctx.rank))
+                gen = torch.Generator().manual_seed(_mix(cfg.seed, ctx.order.global_micro(micro), 0))
                 batch = ctx.order.batch(micro, gen).to(rt.device, rt.dtype)
                 cond = apply_cfg_dropout(batch.encoder_hidden_states, ctx.null_embedding, cfg.cfg_dropout, gen)
                 t = ctx.sampler.sample(batch.size, gen)
@@ -129,6 +142,10 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
                     loss = flow_matching_loss(model, batch, t, noise, encoder_hidden_states=cond)
                 opt.scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += float(loss.detach()) / cfg.grad_accum
+
+            # ---- several processes: average gradients and loss (= DDP), so every decision below agrees
+            if ctx.sync is not None:
+                step_loss = ctx.sync(opt.params, step_loss)
 
             # ---- clip (after unscaling fp16 grads); a non-finite norm is divergence, unless the fp16 loss
             # scaler overflowed, which it handles itself by skipping the step and lowering its scale

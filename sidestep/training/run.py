@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sidestep import __version__
+from sidestep import __version__, distributed
 from sidestep.data import DatasetSpec, scan_dataset
 from sidestep.errors import ConfigError
 from sidestep.models import LoadedModel, Runtime, load_model, variant_defaults
@@ -20,10 +20,12 @@ from sidestep.models.variants import with_config
 from sidestep.objective import sampler_for_training
 from sidestep.training import saving
 from sidestep.training.adapters import AdapterPlan, MapSummary, attach_adapter, module_shapes, plan_adapter, summarize
-from sidestep.training.config import TrainConfig
+from sidestep.training.config import InitMode, TrainConfig
 from sidestep.training.events import CheckpointSaved, Notice, OnEvent, Started, noop
+from sidestep.training.grad_init import InitPlan, resolve_init
 from sidestep.training.loop import (LoopContext, LoopState, Optimization, SampleOrder, build_optimization, capture_rng,
                                     restore_rng, train_loop)
+from sidestep.training.parallel import effective_batch, resume_notice, seed_process_rng, sync_for
 
 __all__ = ["TrainOutcome", "train"]
 
@@ -49,41 +51,49 @@ class TrainOutcome:
 def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: OnEvent = noop) -> TrainOutcome:
     """Train an adapter on `config.dataset_dir` and save it under `config.output_dir`."""
     # ---- preflight: every file checked, map read, output folder settled, before any weight is loaded
+    # (under torchrun each process trains its shard; only process 0 reports and writes: training/parallel.py)
     entry = choice.entry
+    dist = distributed.current()
+    on_event = on_event if dist.is_main else noop
     pre = _preflight(config, choice, on_event)
     plan, resume_dir, resumed, order, total = pre.plan, pre.resume_dir, pre.resumed, pre.order, pre.total
 
     # ---- model and adapter (seeded init; resumed weights replace it)
     loaded = load_model(entry, runtime)
     torch.manual_seed(config.seed)
-    trainable = attach_adapter(loaded.transformer, plan, config.init)
+    trainable = attach_adapter(loaded.transformer, plan, pre.init)
     if resume_dir is not None:
         saving.load_adapter_weights(loaded.transformer, saving.read_adapter_dir(resume_dir).tensors)
 
     # ---- optimizer, schedule and the state to continue from
     named = sorted((n, p) for n, p in loaded.transformer.named_parameters() if p.requires_grad)
+    distributed.broadcast_tensors([p for _, p in named])  # the same start everywhere (cheap for adapters)
     opt = build_optimization([p for _, p in named], config, total, runtime)
     state = LoopState()
     if resumed is not None:
         state = _restore(resumed, opt, resume_dir)
-    run_json = saving.write_run_json(config.output_dir, _run_record(config, choice, runtime, loaded, plan, total))
+    seed_process_rng(config.seed, state.step)
+    record = _run_record(config, choice, runtime, loaded, plan, total) | {"init": pre.init.to_json()}
+    run_json = distributed.run_on_main(lambda: saving.write_run_json(config.output_dir, record))
     sampler = sampler_for_training(config.timestep_mode, loaded.variant)
     mode = config.timestep_mode or ("discrete" if loaded.variant.is_turbo else "continuous")
     on_event(Started(entry.label, runtime.reason, len(order.files), math.ceil(order.micro_per_epoch / config.grad_accum),
-                     total, state.step, trainable, plan.adaptive, mode))
+                     total, state.step, trainable, plan.adaptive, mode, dist.world_size, effective_batch(config)))
 
     # ---- train, checkpointing every save_every epochs and on Ctrl-C
     def checkpoint(st: LoopState, final: bool = False) -> Path:
         path = saving.final_dir(config.output_dir) if final else saving.checkpoint_dir(config.output_dir, st.step)
         epoch = st.step * config.grad_accum / order.micro_per_epoch
-        saving.save_adapter_dir(path, plan, loaded.transformer, _state_payload(st, epoch, opt, config, plan))
-        on_event(CheckpointSaved(path, st.step, final))
+        if dist.is_main:
+            saving.save_adapter_dir(path, plan, loaded.transformer, _state_payload(st, epoch, opt, config, plan))
+            on_event(CheckpointSaved(path, st.step, final))
         return path
 
     ctx = LoopContext(loaded.transformer, order, opt, config, sampler, loaded.null_condition_emb, runtime, total,
-                      checkpoint, _advice(plan, loaded.variant.is_turbo), on_event=on_event)
+                      checkpoint, _advice(plan, loaded.variant.is_turbo), on_event=on_event, sync=sync_for(dist))
     state = train_loop(ctx, state)
-    saving.backup_final(config.output_dir)  # a resumed run that extends a finished one keeps the old as final.bak
+    if dist.is_main:
+        saving.backup_final(config.output_dir)  # a resumed run that extends a finished one keeps the old as final.bak
     final = checkpoint(state, final=True)
     return TrainOutcome(final, state.step, state.loss_ema, plan.adaptive, trainable, len(plan.ranks), run_json)
 
@@ -95,6 +105,7 @@ class _Preflight:
     resumed: dict[str, Any] | None
     order: SampleOrder
     total: int
+    init: InitPlan
 
 
 def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _Preflight:
@@ -108,19 +119,35 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _
     resumed = saving.load_training_state(resume_dir) if resume_dir else None
     if resumed is not None:
         plan = _resumed_plan(resumed, plan, resume_dir, on_event)
+        if (notice := resume_notice(resumed, config, resume_dir)) is not None:
+            on_event(notice)
     cache = sum(p.stat().st_size for p in scan.files) <= _CACHE_BYTES  # small datasets stay in RAM
-    order = SampleOrder(scan.files, spec, config.batch_size, config.seed, config.max_latent_length, cache=cache)
+    dist = distributed.current()
+    order = SampleOrder(scan.files, spec, config.batch_size, config.seed, config.max_latent_length,
+                        rank=dist.rank, world_size=dist.world_size, cache=cache)
     total = config.max_steps or math.ceil(config.epochs * order.micro_per_epoch / config.grad_accum)
     if resumed is not None and int(resumed["step"]) >= total:
         raise ConfigError(f"--resume {resume_dir} already has {resumed['step']} of {total} steps; raise "
                           f"--epochs or --max-steps to train further.")
-    if plan.adaptive:  # sized on a weightless (meta) copy, so the summary comes before the slow load
+    if plan.adaptive and dist.is_main:  # sized on a weightless (meta) copy, so the summary comes before the slow load
         on_event(_map_summary(plan, entry.config))
     for message in plan.notices:
         on_event(Notice(message))
+    init = _resolve_init(config, plan, resumed, entry.config)
+    if init.notice is not None:
+        on_event(Notice(init.notice, init.level))
     continuing = resume_dir is not None and Path(config.output_dir).resolve() in resume_dir.resolve().parents
-    saving.prepare_output(config.output_dir, resuming=continuing, overwrite=config.overwrite)
-    return _Preflight(plan, resume_dir, resumed, order, total)
+    distributed.run_on_main(lambda: saving.prepare_output(config.output_dir, continuing, config.overwrite))
+    return _Preflight(plan, resume_dir, resumed, order, total, init)
+
+
+def _resolve_init(config: TrainConfig, plan: AdapterPlan, resumed: dict[str, Any] | None,
+                  model_config: dict[str, Any]) -> InitPlan:
+    """`--init gradient` bases checked against the plan (a resumed run keeps its trained weights instead)."""
+    if resumed is not None or config.init is not InitMode.GRADIENT:
+        return InitPlan(InitMode.DEFAULT)
+    shapes = module_shapes(build_transformer(model_config, "meta").requires_grad_(False))
+    return resolve_init(config, plan.ranks, shapes)
 
 
 def _map_summary(plan: AdapterPlan, model_config: dict[str, Any]) -> MapSummary:
@@ -151,7 +178,7 @@ def _state_payload(st: LoopState, epoch: float, opt: Optimization, config: Train
                    plan: AdapterPlan) -> dict[str, Any]:
     return {"step": st.step, "epoch": epoch, "loss_ema": st.loss_ema, "rng": st.rng, "optimizer": opt.optimizer.state_dict(),
             "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
-            "config": config.to_json(), "plan": plan.to_json()}
+            "config": config.to_json(), "plan": plan.to_json(), "effective_batch": effective_batch(config)}
 
 
 def _advice(plan: AdapterPlan, is_turbo: bool) -> str:

@@ -1,6 +1,7 @@
 """Train in the wizard: basic (a few questions) or advanced (every TrainConfig field), then the same `train` call.
 
-Shows whether the dataset has a Preprocessing++ map and lets the user ignore it (`ignore_fisher_map`).
+Shows whether the dataset has a Preprocessing++ map and lets the user ignore it (`ignore_fisher_map`); when the
+analysis also left init bases (fisher_init.safetensors), offers `--init gradient` for LoRA/DoRA.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import Any, Mapping
 from rich.table import Table
 
 from sidestep.analysis.fisher_map import MAP_FILENAME, read_map
+from sidestep.analysis.init_file import INIT_FILENAME
 from sidestep.errors import SidestepError
-from sidestep.training.config import TrainConfig
+from sidestep.training.config import AdapterKind, TrainConfig
 from sidestep.wizard.asker import Asker, Back, Option
 from sidestep.wizard.common import Answers, Session, ask_dataset, ask_model, ask_preset
 from sidestep.wizard.fields import ask_field, config_problem
@@ -30,7 +32,8 @@ ADVANCED_FIELDS = (
     "warmup_steps", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm", "max_latent_length",
     "cfg_dropout", "timestep_mode", "save_every", "seed", "spike_factor",
 )
-_CONFIG_FIELDS = set(ADVANCED_FIELDS) | {"dataset_dir", "output_dir", "ignore_fisher_map", "resume", "overwrite"}
+_CONFIG_FIELDS = set(ADVANCED_FIELDS) | {"dataset_dir", "output_dir", "ignore_fisher_map", "resume", "overwrite",
+                                         "init"}
 _PRESET_TRAIN_FIELDS = [name for name in PRESET_FIELDS if name in _CONFIG_FIELDS or name == "gradient_checkpointing"]
 _BOUNDS: Mapping[str, dict[str, Any]] = {"rank": {"lo": 1, "hi": 4096}, "epochs": {"lo": 1},
                                          "batch_size": {"lo": 1}, "grad_accum": {"lo": 1}}
@@ -62,6 +65,7 @@ def _steps() -> list[Step]:
     ]
     for name in ADVANCED_FIELDS:
         steps.append(Step(name, _field_question(name), when=_asked_when(name)))
+    steps.append(Step("init", _ask_init, when=_offers_init))
     steps.append(Step("gradient_checkpointing", _ask_gc, when=lambda ans: ans.get("mode") == "advanced"))
     steps.append(Step("go", _confirm))
     return steps
@@ -129,6 +133,21 @@ def map_summary(path: Path) -> str:
     if fmap.trainable_params and fmap.flat_equivalent_params:
         line += f"; {fmap.trainable_params:,} trainable parameters vs {fmap.flat_equivalent_params:,} flat"
     return line + ". Advice: a lower learning rate (e.g. 5e-5) and early listening, as it adapts strongly."
+
+
+def _offers_init(answers: Answers) -> bool:
+    """Init bases beside the data, and an adapter whose A matrix they can set (LoRA or DoRA)."""
+    folder = answers.get("dataset_dir")
+    adapter = answers.get("adapter", answers.get("preset_values", {}).get("adapter", "lora"))
+    kind = AdapterKind(getattr(adapter, "value", adapter))
+    return bool(folder) and (Path(folder) / INIT_FILENAME).is_file() and kind in (AdapterKind.LORA, AdapterKind.DORA)
+
+
+def _ask_init(asker: Asker, answers: Answers) -> str:
+    options = [Option("Default", "default", "peft's random A (B = 0)"),
+               Option("Gradient-aligned", "gradient", "A starts from the top gradient directions Preprocessing++ "
+                                                      "found (B = 0, output unchanged at step 0)")]
+    return asker.choice(f"Adapter init ({INIT_FILENAME} found)", options, default=answers.get("init", "default"))
 
 
 def _ask_output_dir(asker: Asker, answers: Answers) -> Path:
@@ -212,6 +231,8 @@ def _summary(config: TrainConfig, answers: Answers) -> Table:
     else:
         table.add_row("Adapters", f"{config.adapter.value}, rank {config.rank}, alpha {config.alpha:g}, "
                                   f"targets {', '.join(config.target_modules)}")
+    if config.init.value != "default":
+        table.add_row("Init", f"{config.init.value} (from {INIT_FILENAME})")
     table.add_row("Learning rate", f"{config.lr:g} ({config.optimizer.value}, {config.scheduler.value})")
     length = config.max_steps and f", at most {config.max_steps} steps" or ""
     table.add_row("Length", f"{config.epochs} epochs{length}")
