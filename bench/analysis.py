@@ -172,8 +172,9 @@ class Reference:
 class Ours:
     """The production engine plus the per-batch convergence check the product does."""
 
-    def __init__(self, model: torch.nn.Module, layers: int, rank_max: int, seed: int) -> None:
-        self.engine = FisherEngine(model, targetable_modules(layers), sketch_k=rank_max + 16, seed=seed)
+    def __init__(self, model: torch.nn.Module, layers: int, rank_max: int, seed: int, sketch: bool = True) -> None:
+        k = rank_max + 16 if sketch else 0
+        self.engine = FisherEngine(model, targetable_modules(layers), sketch_k=k, seed=seed)
         self.tracker = ConvergenceTracker(patience=10**6, threshold=0.98)  # never stops: same batch count
         self.batches = 0
 
@@ -197,9 +198,10 @@ class Ours:
 
 
 def _time_both(args: argparse.Namespace, model, batches) -> dict:
-    """Interleaved timing: warm-up on batch 0, then for each batch ours, the reference, the lean reference."""
+    """Interleaved timing: warm-up on batch 0, then for each batch ours, ours without the sketch, the
+    reference and the lean reference."""
     device = next(model.parameters()).device
-    ours_s, ref_s, lean_s = [], [], []
+    ours_s, ref_s, lean_s, bare_s = [], [], [], []
     with Ours(model, args.layers, args.rank_max, args.seed) as ours:
         ours.batch(*batches[0])
     Reference(model, args.layers).batch(*batches[0])
@@ -208,19 +210,23 @@ def _time_both(args: argparse.Namespace, model, batches) -> dict:
         for batch in batches[1:]:
             ours_s.append(_timed(device, ours.batch, batch))
             ours.engine.__exit__()  # the reference arms set requires_grad themselves
+            with Ours(model, args.layers, args.rank_max, args.seed, sketch=False) as bare:
+                bare_s.append(_timed(device, bare.batch, batch))
             ref_s.append(_timed(device, reference.batch, batch))
             lean_s.append(_timed(device, lean.batch, batch))
             ours.engine.__enter__()
         ours_scores = ours.scores()
     ref_scores = reference.scores()
     rel = np.abs(ours_scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-30)
-    ours_t, ref_t, lean_t = (float(np.median(x)) for x in (ours_s, ref_s, lean_s))
+    ours_t, ref_t, lean_t, bare_t = (float(np.median(x)) for x in (ours_s, ref_s, lean_s, bare_s))
     return {
         "ours_s_per_batch": ours_t,
         "reference_s_per_batch": ref_t,
         "speedup": ref_t / ours_t,
         "reference_lean_s_per_batch": lean_t,
         "speedup_vs_lean": lean_t / ours_t,
+        "ours_without_sketch_s_per_batch": bare_t,
+        "sketch_overhead": ours_t / bare_t - 1.0,  # issue target: at most 0.15
         "spearman_fisher": spearman(ours_scores, ref_scores),
         "max_rel_diff_fisher": float(rel.max()),
     }

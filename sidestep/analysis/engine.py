@@ -105,7 +105,7 @@ class FisherEngine:
     Args:
         transformer: the frozen DiT (diffusers `AceStepTransformer1DModel`).
         names: target modules, original names (`layers.3.self_attn.q_proj`).
-        sketch_k: sketch width, capped per module at min(in, out).
+        sketch_k: sketch width, capped per module at min(in, out); 0 measures Fisher scores only.
         seed: seeds the sketch matrices Ψ (drawn on the CPU, so CPU and GPU agree).
     """
 
@@ -126,7 +126,7 @@ class FisherEngine:
             key = (w.shape[0], k)
             if key not in self._psi:
                 gen = torch.Generator().manual_seed(_mix(seed, *key))
-                self._psi[key] = (torch.randn(key, generator=gen) / k**0.5).to(device, w.dtype)
+                self._psi[key] = (torch.randn(key, generator=gen) / max(k, 1) ** 0.5).to(device, w.dtype)
         self.forward_passes = 0
         self._handles: list = []
         self._saved: list[tuple[torch.nn.Parameter, bool]] = []
@@ -161,7 +161,9 @@ class FisherEngine:
             # Neither line makes a full-size temporary: the norm upcasts inside its kernel (CUDA) and the
             # sketch product is only in × k. Z += Gᵀ Ψ: (in × out) @ (out × k).
             sq[i].add_(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
-            if grad.dtype == torch.float32:
+            if not sketch.shape[1]:  # sketch_k = 0: Fisher scores only (the bench's no-sketch arm)
+                pass
+            elif grad.dtype == torch.float32:
                 sketch.addmm_(grad.t(), psi)
             else:
                 sketch.add_(grad.t() @ psi)
