@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
-import torch.nn.functional as F
 
 from sidestep.data.dataset import Batch
 from sidestep.errors import ConfigError

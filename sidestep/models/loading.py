@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from sidestep.errors import CheckpointError
 from sidestep.models.convert import NULL_CONDITION_KEY, original_key_to_diffusers
 from sidestep.models.device import Runtime
-from sidestep.models.discovery import Layout, ModelEntry, read_config
+from sidestep.models.discovery import Layout, ModelEntry
 from sidestep.models.variants import Variant, variant_defaults, with_config
 
 __all__ = ["LoadedModel", "load_model", "transformer_kwargs", "build_transformer"]

@@ -16,7 +16,7 @@ from diffusers import AceStepTransformer1DModel
 from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
 from safetensors.torch import save_file
 
-from sidestep.models.convert import DECODER_PREFIX, NULL_CONDITION_KEY, diffusers_key_to_original, diffusers_to_original
+from sidestep.models.convert import NULL_CONDITION_KEY, diffusers_key_to_original, diffusers_to_original
 from sidestep.models.loading import transformer_kwargs
 
 __all__ = [
