@@ -1,0 +1,56 @@
+"""Paired statistics over seeds × tasks: mean ± std, and the paired difference to the flat arm with a 95% interval."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (no scipy needed).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(df: int) -> float:
+    if df in _T975:
+        return _T975[df]
+    larger = [k for k in _T975 if k >= df]
+    return _T975[min(larger)] if larger else 1.96
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def paired(diffs: list[float], boot: int = 10_000, seed: int = 0) -> dict:
+    """Mean paired difference with a t interval and a percentile bootstrap interval (both 95%).
+
+    With one pair no interval exists; both ends are then reported as None and the verdict says so.
+    """
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    out = {"mean": mean, "n": n, "ci95_t": None, "ci95_boot": None}
+    if n < 2:
+        return out
+    sd = statistics.stdev(diffs)
+    half = t975(n - 1) * sd / math.sqrt(n)
+    out["ci95_t"] = [mean - half, mean + half]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(boot))
+    out["ci95_boot"] = [means[int(0.025 * boot)], means[int(0.975 * boot) - 1]]
+    return out
+
+
+def verdict(name: str, other: str, metric: str, stat: dict, lower_is_better: bool = True) -> str:
+    """One honest sentence: significant only when the t interval excludes 0."""
+    mean = stat["mean"]
+    ci = stat["ci95_t"]
+    if ci is None:
+        return f"{name} vs {other}, {metric}: diff {mean:+.5f} from a single pair: no interval, no conclusion."
+    span = f"diff {mean:+.5f}, 95% CI [{ci[0]:+.5f}, {ci[1]:+.5f}], n={stat['n']}"
+    if ci[0] <= 0.0 <= ci[1]:
+        return f"{name} vs {other}, {metric}: {span}: no significant difference."
+    better = (ci[1] < 0) == lower_is_better
+    return f"{name} vs {other}, {metric}: {span}: significantly {'better' if better else 'worse'} than {other}."

@@ -1,0 +1,55 @@
+"""The quality benchmark's pipeline end to end at toy sizes: every arm runs through the real analyze and train."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
+
+
+def _load_bench():
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
+    bench = _load_bench()
+    from quality_lib.arms import ARM_ORDER  # importable once the bench put its folder on sys.path
+
+    lines: list[str] = []
+    argv = ["--quick", "--cache", str(tmp_path / "cache"), "--workdir", str(tmp_path / "work"),
+            "--out", str(tmp_path / "result.json"), "--markdown", str(tmp_path / "table.md"),
+            "--layers", "2", "--hidden", "32", "--pretrain-steps", "20", "--steps", "3", "--train-samples", "6",
+            "--val-samples", "2", "--test-samples", "2", "--base-samples", "2", "--eval-draws", "2"]
+    threads = torch.get_num_threads()
+    try:
+        summary = bench.main(argv, emit=lines.append)  # sets torch to 1 thread, as the bench does
+    finally:
+        torch.set_num_threads(threads)
+
+    records = [json.loads(line) for line in lines[:-1]]
+    assert json.loads(lines[-1])["summary"] is True
+    expected = [a for a in ARM_ORDER if a not in summary["skipped"]]
+    assert [r["arm"] for r in records] == expected
+    assert set(summary["skipped"]) <= {"flat_grad", "map_grad"}
+    assert all(why.startswith("skipped:") for why in summary["skipped"].values())
+
+    flat = next(r for r in records if r["arm"] == "flat")
+    for rec in records:
+        assert abs(rec["params"] / flat["params"] - 1) <= 0.01, (rec["arm"], rec["params"], flat["params"])
+        for key in ("test_loss", "val_loss", "forgetting", "adaptation", "base_loss_after", "train_seconds"):
+            assert math.isfinite(rec[key]), (rec["arm"], key)
+    assert summary["max_param_mismatch_vs_flat"] <= 0.01
+    assert all(math.isfinite(c["mean"]) for c in summary["comparisons"])
+    assert len(summary["verdicts"]) == len(summary["comparisons"])
+    assert json.loads((tmp_path / "result.json").read_text())["records"] == records
+    assert "| arm |" in (tmp_path / "table.md").read_text()
