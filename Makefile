@@ -24,6 +24,8 @@ test: venv
 bench: venv
 	$(PY) bench/analysis.py
 	$(PY) bench/train.py
+	$(PY) bench/scale.py
+	$(PY) bench/quality.py --quick
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache
