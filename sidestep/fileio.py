@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 
 from sidestep.errors import SidestepError
 
-__all__ = ["atomic_path", "write_json_atomic", "write_bytes_atomic", "backup_existing", "atomic_dir"]
+__all__ = ["sha256_file", "atomic_path", "write_json_atomic", "write_bytes_atomic", "backup_existing", "atomic_dir"]
 
 
 @contextlib.contextmanager
@@ -84,3 +85,12 @@ def _fsync(path: Path) -> None:
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -24,7 +24,7 @@ from sidestep.analysis.modules import module_sort_key
 from sidestep.errors import MapError
 from sidestep.fileio import backup_existing, write_bytes_atomic
 
-__all__ = ["INIT_FILENAME", "InitFileError", "init_bases", "init_path_for", "read_init", "sha256_of", "write_init"]
+__all__ = ["INIT_FILENAME", "InitFileError", "init_bases", "init_path_for", "read_init", "write_init"]
 
 INIT_FILENAME = "fisher_init.safetensors"
 INIT_FORMAT = "sidestep-init-1"
@@ -72,13 +72,6 @@ def write_init(path: Path, bases: Mapping[str, torch.Tensor], k: int, seed: int)
     write_bytes_atomic(path, data)
     return InitRef(file=path.name, sha256=hashlib.sha256(data).hexdigest(), k=int(k), seed=int(seed)), backup
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_init(path: Path, expected_sha256: str | None,

@@ -42,7 +42,7 @@ from sidestep.data.metadata import (
 )
 from sidestep.distributed import current
 from sidestep.errors import AudioError, ConfigError, Interrupted
-from sidestep.fileio import atomic_path
+from sidestep.fileio import atomic_path, sha256_file
 from sidestep.models.device import Runtime, resolve_runtime
 from sidestep.models.discovery import ModelEntry, find_model
 
@@ -225,7 +225,7 @@ class _Job:
     def process(self, index: int, total: int, path: Path, source: str) -> FileOutcome:
         try:
             meta = resolve_metadata(path, source, self.dataset)
-            audio_sha = _sha256_file(path)
+            audio_sha = sha256_file(path)
         except (ConfigError, OSError) as err:
             return FileOutcome(source, Status.FAILED, reason=str(err))
         if meta.json_entry is not None:
@@ -306,13 +306,6 @@ def _sample_key(fingerprint: str, audio_sha: str, meta: Resolved) -> str:
     text = json.dumps([fingerprint, audio_sha, meta.caption, meta.lyrics, meta.meta.as_dict()], sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _output_names(files: list[Path], audio_dir: Path) -> dict[Path, str]:
