@@ -74,6 +74,7 @@ def analyze(
     """Preprocessing++: find the modules that react to your data, give them adaptive ranks, write fisher_map.json."""
     from sidestep.analysis.config import AnalysisConfig  # imports torch: keep `sidestep --help` fast
     from sidestep.analysis.run import LR_ADVICE, analyze_dataset
+    from sidestep.data.dataset import sample_files
     from sidestep.models.select import choose_model, choose_runtime
 
     if dataset_dir is None:
@@ -84,6 +85,7 @@ def analyze(
         runs=runs, batches_per_run=batches_per_run, convergence_patience=convergence_patience, seed=seed,
         weight_rank=weight_rank, allow_turbo=allow_turbo, skip_bad=skip_bad, write_init=not no_init,
     )
+    sample_files(config.dataset_dir)  # a missing or empty folder is the first thing to hear about
     if not yes and not sys.stdin.isatty():
         raise ConfigError("Cannot ask whether to save fisher_map.json because stdin is not a terminal; pass --yes.")
     choice = choose_model(checkpoint_dir, model, base_variant)
