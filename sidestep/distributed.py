@@ -142,26 +142,46 @@ def init_distributed(timeout_s: float | None = None) -> DistContext:
     return ctx
 
 
-def shutdown() -> None:
-    """Leave the process group (safe to call twice, and after a failed collective)."""
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group (safe to call twice, and after a failed collective).
+
+    With `wait_for_peers`, the processes first meet at a barrier: gloo can abort a process ("terminate called
+    without an active exception") when its peer tears the group down while it is still closing its own pairs.
+    """
     global _CURRENT
     if _CURRENT.is_distributed:
         import torch.distributed as dist
 
         with contextlib.suppress(Exception):  # a group broken by a dead peer may refuse a clean destroy
             if dist.is_initialized():
+                if wait_for_peers:
+                    _teardown_barrier(dist)
                 dist.destroy_process_group()
     _CURRENT = DistContext()
+
+
+def _teardown_barrier(dist) -> None:
+    import datetime
+
+    if dist.get_backend() == "gloo":  # bounded: a peer that failed after its last collective must not stall us
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=min(30.0, _CURRENT.timeout_s)))
+    else:
+        dist.barrier()
 
 
 @contextlib.contextmanager
 def session(timeout_s: float | None = None) -> Iterator[DistContext]:
     """`init_distributed()` ... `shutdown()`; for one process it only yields the single-process context."""
     ctx = init_distributed(timeout_s)
+    clean = False
     try:
         yield ctx
+        clean = True
+    except SystemExit as done:  # Typer ends every command with SystemExit; code 0 is a clean finish
+        clean = done.code in (0, None)
+        raise
     finally:
-        shutdown()
+        shutdown(wait_for_peers=clean)
 
 
 # ---- collectives (each a no-op for one process) -----------------------------------------------------------
