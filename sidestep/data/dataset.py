@@ -9,13 +9,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from sidestep.errors import DatasetError
+from sidestep.errors import DatasetError, SidestepError
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -23,6 +23,7 @@ __all__ = [
     "Sample",
     "Batch",
     "DatasetScan",
+    "load_pt",
     "load_sample",
     "scan_dataset",
     "sample_files",
@@ -122,6 +123,14 @@ def sample_files(folder: Path) -> list[Path]:
     return [pts[k] for k in sorted(pts)]
 
 
+def load_pt(path: Path, unreadable: Callable[[Exception], SidestepError], mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` on the CPU; any failure becomes the caller's one-sentence error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch.load raises a dozen unrelated types on corrupt input; all mean "unreadable"
+        raise unreadable(err) from err
+
+
 def _read_raw(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         try:
@@ -132,11 +141,11 @@ def _read_raw(path: Path) -> dict[str, Any]:
             raise DatasetError(f"{path.name}: cannot read this .safetensors file ({err}).") from err
         raw["metadata"] = json.loads(header["metadata"]) if "metadata" in header else {}
         return raw
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises a dozen unrelated types on corrupt input; all mean "unreadable"
+    def unreadable(err: Exception) -> DatasetError:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise DatasetError(f"{path.name}: cannot read this .pt file (corrupt, truncated or not a tensor file: {reason}).") from err
+        return DatasetError(f"{path.name}: cannot read this .pt file (corrupt, truncated or not a tensor file: {reason}).")
+
+    raw = load_pt(path, unreadable)
     if not isinstance(raw, dict):
         raise DatasetError(f"{path.name}: expected a dict of tensors, found {type(raw).__name__}.")
     return raw

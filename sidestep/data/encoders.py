@@ -27,6 +27,7 @@ from diffusers import AutoencoderOobleck
 from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
 from safetensors import SafetensorError, safe_open
 
+from sidestep.data.dataset import load_pt
 from sidestep.errors import CheckpointError, ConfigError
 from sidestep.models.convert import NULL_CONDITION_KEY, original_to_diffusers
 from sidestep.models.device import Runtime
@@ -310,10 +311,8 @@ def _silence_latent(entry: ModelEntry, root: Path) -> torch.Tensor:
     """`[frames, 64]` from the model folder's (or the root's) silence_latent.pt, stored `[1, 64, frames]`."""
     for path in (entry.path / SILENCE_FILE, root / SILENCE_FILE):
         if path.is_file():
-            try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # torch.load raises many types on corrupt input; all mean "unreadable"
-                raise CheckpointError(f"{path}: cannot read the silence latent ({type(err).__name__}).") from err
+            raw = load_pt(path, lambda err, p=path: CheckpointError(
+                f"{p}: cannot read the silence latent ({type(err).__name__})."))
             if not isinstance(raw, torch.Tensor) or raw.dim() != 3 or raw.shape[0] != 1:
                 raise CheckpointError(f"{path}: expected a [1, 64, frames] tensor.")
             return raw[0].transpose(0, 1).float().contiguous()

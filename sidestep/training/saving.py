@@ -22,6 +22,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sidestep.data.dataset import load_pt
 from sidestep.errors import CheckpointError, ConfigError
 from sidestep.fileio import atomic_dir, write_json_atomic
 from sidestep.models.convert import diffusers_to_original, original_to_diffusers
@@ -171,10 +172,8 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
 def load_training_state(path: Path, mmap: bool = False) -> dict[str, Any]:
     """training_state.pt of a checkpoint folder (weights_only; a CheckpointError on any problem)."""
     file = Path(path) / STATE_FILE
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # torch.load raises many unrelated types on corrupt input
-        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}); pick another checkpoint.") from err
+    state = load_pt(file, lambda err: CheckpointError(
+        f"{file}: cannot be read ({type(err).__name__}); pick another checkpoint."), mmap=mmap)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{file}: not a sidestep training state of format {STATE_FORMAT}.")
     return state
