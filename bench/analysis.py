@@ -44,7 +44,7 @@ from sidestep.analysis.engine import FisherEngine
 from sidestep.analysis.modules import category_of, targetable_modules
 from sidestep.data import DatasetSpec, collate, load_sample
 from sidestep.models import original_to_diffusers
-from sidestep.objective import noise_like
+from sidestep.objective import flow_matching_loss, noise_like
 from sidestep.testing.tiny import build_tiny_transformer, tiny_config, write_dataset
 
 
@@ -194,6 +194,24 @@ class Ours:
         return self.engine.fisher_sums() / (self.engine.numel * self.batches)
 
 
+class Plain:
+    """A bare forward+backward with the target weights requiring grad and no hooks: the floor any engine pays."""
+
+    def __init__(self, model: torch.nn.Module, layers: int) -> None:
+        modules = dict(model.named_modules())
+        self.model = model
+        self.weights = [modules[original_to_diffusers(n)].weight for n in targetable_modules(layers)]
+
+    def batch(self, batch, t, noise) -> None:
+        self.model.requires_grad_(False)
+        for w in self.weights:
+            w.requires_grad_(True)
+        flow_matching_loss(self.model, batch, t, noise).backward()
+        for w in self.weights:
+            w.grad = None
+        self.model.requires_grad_(False)
+
+
 # ---- measurements ----------------------------------------------------------------------------------
 
 
@@ -201,7 +219,8 @@ def _time_both(args: argparse.Namespace, model, batches) -> dict:
     """Interleaved timing: warm-up on batch 0, then for each batch ours, ours without the sketch, the
     reference and the lean reference."""
     device = next(model.parameters()).device
-    ours_s, ref_s, lean_s, bare_s = [], [], [], []
+    ours_s, ref_s, lean_s, bare_s, plain_s = [], [], [], [], []
+    plain = Plain(model, args.layers)
     with Ours(model, args.layers, args.rank_max, args.seed) as ours:
         ours.batch(*batches[0])
     Reference(model, args.layers).batch(*batches[0])
@@ -212,13 +231,14 @@ def _time_both(args: argparse.Namespace, model, batches) -> dict:
             ours.engine.__exit__()  # the reference arms set requires_grad themselves
             with Ours(model, args.layers, args.rank_max, args.seed, sketch=False) as bare:
                 bare_s.append(_timed(device, bare.batch, batch))
+            plain_s.append(_timed(device, plain.batch, batch))
             ref_s.append(_timed(device, reference.batch, batch))
             lean_s.append(_timed(device, lean.batch, batch))
             ours.engine.__enter__()
         ours_scores = ours.scores()
     ref_scores = reference.scores()
     rel = np.abs(ours_scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-30)
-    ours_t, ref_t, lean_t, bare_t = (float(np.median(x)) for x in (ours_s, ref_s, lean_s, bare_s))
+    ours_t, ref_t, lean_t, bare_t, plain_t = (float(np.median(x)) for x in (ours_s, ref_s, lean_s, bare_s, plain_s))
     return {
         "ours_s_per_batch": ours_t,
         "reference_s_per_batch": ref_t,
@@ -227,6 +247,8 @@ def _time_both(args: argparse.Namespace, model, batches) -> dict:
         "speedup_vs_lean": lean_t / ours_t,
         "ours_without_sketch_s_per_batch": bare_t,
         "sketch_overhead": ours_t / bare_t - 1.0,  # issue target: at most 0.15
+        "plain_forward_backward_s_per_batch": plain_t,
+        "ours_vs_plain_forward_backward": ours_t / plain_t,  # issue 18 target: at most 1.15 (Fisher + need hooks)
         "spearman_fisher": spearman(ours_scores, ref_scores),
         "max_rel_diff_fisher": float(rel.max()),
     }

@@ -52,6 +52,30 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert _written(dataset_dir) == ["fisher_init.safetensors", "fisher_map.json", "fisher_map.png"]
     assert "Top 5 modules" in err and "Rank histogram" in err and "trainable parameters" in err
     assert "5e-5" in err  # the learning-rate advice
+    # The need field: per-module noise-free need and its concentration, in the map, the preview and --json.
+    data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
+    need = data["need"]
+    assert set(need["per_module"]) == {m for m in data["rank_pattern"]} | set(data["excluded_modules"])
+    assert 0 < need["top10_share"] <= 1 and summary["need_top10_share"] == need["top10_share"]
+    assert summary["need_spread_evenly"] == need["spread_evenly"]
+    assert ("The need is spread evenly" in err) or ("The need is concentrated" in err)
+
+
+def test_need_signal_water_fills_the_flat_budget(monkeypatch, capsys, checkpoint_root, dataset_dir):
+    code, out, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes", "--json",
+                              "--rank-signal", "need", "--budget", "flat")
+    assert code == 0, err
+    data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
+    assert data["rank_signal"] == "need" and data["budget_mode"] == "flat"
+    step = data["rank_step"]
+    for name in data["rank_pattern"]:
+        assert data["rank_budget"]["min"] <= data["rank_pattern"][name] <= data["rank_budget"]["max"]
+    assert abs(data["trainable_params"] - data["flat_equivalent_params"]) <= step * 256  # one step of a module wider than any here
+    # The modules with the most need per parameter get an adapter before those with the least.
+    per = {n: v["need_per_param"] for n, v in data["need"]["per_module"].items()}
+    adapted = set(data["rank_pattern"])
+    if data["excluded_modules"]:
+        assert min(per[n] for n in adapted) >= min(per[n] for n in data["excluded_modules"])
 
 
 def test_prompt_yes_saves_and_prompt_no_writes_nothing(monkeypatch, capsys, checkpoint_root, dataset_dir):

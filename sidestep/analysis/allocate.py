@@ -21,7 +21,7 @@ import random
 import statistics
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from sidestep.analysis.modules import Category, ModuleShape, category_of
 from sidestep.errors import ConfigError
@@ -31,6 +31,8 @@ __all__ = [
     "BudgetMode",
     "RankBudget",
     "allocate_ranks",
+    "concentration",
+    "water_fill_ranks",
     "random_permutation_control",
     "select_modules",
     "size_signal",
@@ -192,6 +194,78 @@ def allocate_ranks(
         trainable_params=sum(shapes[name].lora_params(rank) for name, rank in ranks.items()),
         flat_equivalent_params=sum(shape.lora_params(budget.base) for shape in all_shapes.values()),
     )
+
+
+def water_fill_ranks(
+    spectra: Mapping[str, Sequence[float]],
+    shapes: Mapping[str, ModuleShape],
+    budget: RankBudget,
+) -> Allocation:
+    """Spend the flat parameter budget one rank step at a time where the need per parameter is largest.
+
+    Args:
+        spectra: per targetable module, the need's eigenvalues, largest first (energy per direction; values
+            <= 0 are noise). A rank-r adapter can follow the first r of them, so moving a module from rank a to
+            rank b gains Σ_{a <= j < b} max(λ_j, 0) and costs (b − a)·(in + out) parameters.
+        shapes: the shape of every module in `spectra`.
+        budget: its flat budget (base · Σ(in+out) over `shapes`), step and bounds are respected; a module enters
+            at the smallest allowed rank and then grows by one step.
+
+    A module's gains per parameter only shrink as it grows (the eigenvalues are sorted), so taking the best
+    move each time is the greedy solution of this concave budget problem. Modules whose need is all noise
+    never enter while another move still gains. When every gain is spent before the budget is (a need that
+    lives in fewer directions than the budget buys), the rest goes to the modules with the most need per
+    parameter, so the total always lands within one step of the largest module of the flat budget.
+    """
+    missing = sorted(name for name in spectra if name not in shapes)
+    if missing:
+        raise ValueError(f"no shape given for {len(missing)} module(s), e.g. {missing[0]!r}.")
+    step, (lo, hi) = budget.effective_step, budget.rank_range
+    size = {name: shapes[name].in_features + shapes[name].out_features for name in spectra}
+    gains = {name: [max(float(v), 0.0) if math.isfinite(v) else 0.0 for v in values] for name, values in spectra.items()}
+    target = budget.base * sum(size.values())
+    need = {name: sum(values) / size[name] for name, values in gains.items()}
+    ranks = dict.fromkeys(spectra, 0)
+    spent = 0
+
+    def move(name: str) -> tuple[float, int] | None:
+        start = ranks[name]
+        end = lo if start == 0 else start + step
+        if end > hi:
+            return None
+        cost = (end - start) * size[name]
+        return sum(gains[name][start:end]) / cost, cost
+
+    while spent < target:
+        options = [(m[0], need[name], name, m[1]) for name in sorted(spectra) if (m := move(name)) is not None]
+        if not options:
+            break
+        gain, _, name, cost = max(options, key=lambda o: (o[0] > 0, o[0], o[1], o[2]))
+        if spent + cost - target > target - spent:  # overshooting more than stopping short: stop here
+            break
+        ranks[name] = lo if ranks[name] == 0 else ranks[name] + step
+        spent += cost
+    ranks = {name: rank for name, rank in ranks.items() if rank}
+    order = sorted(ranks, key=lambda n: (-need[n], n))
+    return Allocation(
+        ranks={name: ranks[name] for name in order},
+        alphas={name: max(1, _round_half_up(budget.alpha_ratio * ranks[name])) for name in order},
+        dropped=(),
+        trainable_params=sum(shapes[name].lora_params(rank) for name, rank in ranks.items()),
+        flat_equivalent_params=target,
+    )
+
+
+def concentration(need: Mapping[str, float], fraction: float = 0.10) -> float:
+    """Share of the total need (negative values as 0) held by the top `fraction` of modules (at least one).
+
+    1/n·ceil(fraction·n) means spread evenly; near 1 means a few modules hold all of it.
+    """
+    values = sorted((max(v, 0.0) for v in need.values()), reverse=True)
+    total = sum(values)
+    if not values or total <= 0:
+        return 0.0
+    return sum(values[: max(1, math.ceil(fraction * len(values) - _EPS))]) / total
 
 
 def random_permutation_control(allocation: Allocation, seed: int) -> dict[str, int]:

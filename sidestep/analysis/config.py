@@ -28,6 +28,7 @@ class RankSignal(str, Enum):
     FISHER = "fisher"  # Fisher score alone
     WEIGHT = "weight"  # the reference's weight effective rank
     GRAD_ENERGY = "grad-energy"  # mean-gradient energy |sum G|^2 / numel, estimated from the sketch
+    NEED = "need"  # unbiased need (noise removed) per parameter; selects and sizes on its own (water-filling)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sidestep.fileio import backup_existing, write_json_atomic
 __all__ = [
     "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
+    "NEED_FIELD", "NeedSummary", "need_summary",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
@@ -436,3 +437,37 @@ class _Reader:
         runs = tuple(self.nested({"_": run}, "_", RunConvergence, where="convergence.runs[]")
                      for run in self.typed(value, "runs", list, [], where="convergence.runs"))
         return Convergence(runs, self.typed(value, "cross_run_spearman", float, None, where="convergence.cross_run_spearman"))
+
+
+# ---- the optional `need` field (version 3, additive) -------------------------------------------------
+
+NEED_FIELD = "need"
+
+
+@dataclass(frozen=True, slots=True)
+class NeedSummary:
+    """How concentrated the dataset's need is (the map's optional `need` field; docs/fisher-map.md).
+
+    Args:
+        top10_share: share of the total need per parameter held by the top 10% of modules (0.10 = even).
+        spread_evenly: True when that share is low enough that a flat LoRA should do as well.
+        per_module: original module name -> unbiased need per rank-1 LoRA parameter.
+    """
+
+    top10_share: float
+    spread_evenly: bool
+    per_module: dict[str, float]
+
+
+def need_summary(fmap: FisherMap) -> NeedSummary | None:
+    """The map's `need` field, or None when it has none (older maps, or an analysis without sketches).
+
+    It travels in `FisherMap.extra`, so maps without it read exactly as before; a malformed one counts as absent.
+    """
+    raw = fmap.extra.get(NEED_FIELD)
+    try:
+        share = float(raw["top10_share"])
+        modules = {str(k): float(v["need_per_param"]) for k, v in raw["per_module"].items()}
+        return NeedSummary(share, bool(raw["spread_evenly"]), modules)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None

@@ -14,10 +14,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from sidestep.analysis.allocate import Allocation, allocate_ranks, select_modules, size_signal
+from sidestep.analysis.allocate import (
+    Allocation,
+    BudgetMode,
+    allocate_ranks,
+    concentration,
+    select_modules,
+    size_signal,
+    water_fill_ranks,
+)
 from sidestep.analysis.config import AnalysisConfig, RankSignal
 from sidestep.analysis.engine import AnalysisResult, Progress, run_analysis
 from sidestep.analysis.fisher_map import (
+    NEED_FIELD,
     Convergence,
     FisherMap,
     ModuleEntry,
@@ -29,7 +38,7 @@ from sidestep.analysis.fisher_map import (
 )
 from sidestep.analysis.init_file import init_bases, init_path_for, write_init
 from sidestep.analysis.modules import targetable_modules
-from sidestep.analysis.signals import low_confidence
+from sidestep.analysis.signals import NeedEstimate, low_confidence
 from sidestep.data import DatasetScan, DatasetSpec, content_hash, dataset_hash, scan_dataset
 from sidestep.errors import ConfigError, Interrupted, SidestepError
 from sidestep.fileio import write_bytes_atomic
@@ -40,6 +49,8 @@ from sidestep.models.variants import with_config
 __all__ = ["AnalysisOutcome", "LR_ADVICE", "analyze_dataset", "build_map", "preflight"]
 
 SMALL_DATASET = 5
+# Below this share of the total need in the top 10% of modules the need counts as spread evenly (uniform: 0.10).
+SPREAD_EVENLY_BELOW = 0.25
 LR_ADVICE = ("Preprocessing++ adapts strongly and can overfit sooner: train with a lower learning rate "
              "(e.g. 5e-5 instead of 1e-4) and check samples early.")
 _TURBO_FIX = ("delete fisher_map.json or train with --ignore-fisher-map if a turbo run collapses "
@@ -128,11 +139,9 @@ def build_map(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResul
     """Select modules, allocate ranks and assemble the map (no file is touched)."""
     stats = result.by_name
     fisher = {m.name: m.fisher for m in result.modules}
-    selected = select_modules(fisher, config.inclusion, config.category_floor)
-    signal = size_signal({n: fisher[n] for n in selected}, _second_signal(config.rank_signal, result, selected))
     shapes = {m.name: m.shape for m in result.modules}
-    allocation = allocate_ranks(signal, {n: shapes[n] for n in selected}, config.rank_budget, shapes)
     budget = config.rank_budget
+    allocation = _allocate(config, result, shapes)
     entries = tuple(
         ModuleEntry(name=n, fisher_score=stats[n].fisher, fisher_cross_run_std=stats[n].fisher_std,
                     effective_rank=stats[n].weight_rank, assigned_rank=rank, data_rank=stats[n].data_rank)
@@ -174,8 +183,59 @@ def build_map(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResul
         ),
         low_confidence_modules=tuple(low_confidence(fisher, {m.name: m.fisher_std for m in result.modules})),
         content_hash=content_hash(scan.files),
+        extra=_need_field(result),
     )
     return fmap, allocation
+
+
+def signal_scores(kind: RankSignal, result: AnalysisResult) -> dict[str, float]:
+    """Every module's score under `kind`, higher = more adapter (what selection and sizing rank by)."""
+    stats = result.by_name
+    if kind is RankSignal.NEED:
+        return _need_per_parameter(result)
+    fisher = {n: s.fisher for n, s in stats.items()}
+    return size_signal(fisher, _second_signal(kind, result, list(stats)))
+
+
+def _allocate(config: AnalysisConfig, result: AnalysisResult, shapes: dict) -> Allocation:
+    budget = config.rank_budget
+    if config.rank_signal is RankSignal.NEED:
+        if budget.mode is BudgetMode.FLAT:
+            return water_fill_ranks({n: _need_of(result, n).spectrum for n in shapes}, shapes, budget)
+        scores = _need_per_parameter(result)
+        selected = select_modules(scores, config.inclusion, config.category_floor)
+        return allocate_ranks({n: scores[n] for n in selected}, {n: shapes[n] for n in selected}, budget, shapes)
+    fisher = {m.name: m.fisher for m in result.modules}
+    selected = select_modules(fisher, config.inclusion, config.category_floor)
+    signal = size_signal({n: fisher[n] for n in selected}, _second_signal(config.rank_signal, result, selected))
+    return allocate_ranks(signal, {n: shapes[n] for n in selected}, budget, shapes)
+
+
+def _need_of(result: AnalysisResult, name: str) -> NeedEstimate:
+    need = result.by_name[name].need
+    if need is None:
+        raise ConfigError("--rank-signal need needs the gradient sketches; the analysis ran without them.")
+    return need
+
+
+def _need_per_parameter(result: AnalysisResult) -> dict[str, float]:
+    """Unbiased need per LoRA parameter of rank 1, ||E G||² / (in + out), noise (negative) as 0."""
+    return {m.name: max(_need_of(result, m.name).total, 0.0) / (m.in_features + m.out_features)
+            for m in result.modules}
+
+
+def _need_field(result: AnalysisResult) -> dict:
+    """The map's optional `need` field: per-module unbiased need and how concentrated it is (docs/fisher-map.md)."""
+    if any(m.need is None for m in result.modules):
+        return {}
+    per_param = _need_per_parameter(result)
+    share = concentration(per_param)
+    return {NEED_FIELD: {
+        "top10_share": round(share, 6),
+        "spread_evenly": share < SPREAD_EVENLY_BELOW,
+        "per_module": {m.name: {"need": m.need.total, "noise": m.need.noise, "need_per_param": per_param[m.name]}
+                       for m in result.modules},
+    }}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -203,7 +263,7 @@ def _check_output(path: Path) -> None:
 
 def _second_signal(kind: RankSignal, result: AnalysisResult, names: list[str]) -> dict[str, float] | None:
     stats = result.by_name
-    if kind is RankSignal.FISHER:
+    if kind in (RankSignal.FISHER, RankSignal.NEED):
         return None
     if kind is RankSignal.DATA:
         return {n: float(stats[n].data_rank) for n in names}

@@ -38,6 +38,8 @@ from sidestep.cli.options import (
     WeightRankOpt,
     YesOpt,
 )
+from sidestep.analysis.fisher_map import need_summary
+from sidestep.analysis.report import concentration_sentence
 from sidestep.errors import ConfigError
 
 __all__ = ["analyze", "print_preview", "summary_json"]
@@ -173,6 +175,8 @@ def print_preview(preview) -> None:
                   f"LoRA on every module ({_ratio(preview)}).")
     runs = "; ".join(f"run {r}: {b} batches, ρ {_opt(s, '.3f')}{' (converged)' if c else ''}" for r, b, s, c in preview.runs)
     console.print(f"Convergence: {runs}; agreement between runs ρ {_opt(preview.cross_run_spearman, '.3f')}.")
+    if preview.need is not None:
+        console.print(concentration_sentence(preview.need))
     if preview.low_confidence:
         shown = ", ".join(preview.low_confidence[:8]) + (" …" if len(preview.low_confidence) > 8 else "")
         output.warn(f"{len(preview.low_confidence)} low-confidence module(s) (cross-run std > 50% of the score): {shown}")
@@ -182,6 +186,7 @@ def summary_json(outcome) -> dict[str, Any]:
     """The machine-readable summary printed by --json."""
     fmap = outcome.map
     ranks = sorted(fmap.rank_pattern.values())
+    need = need_summary(fmap)
     return {
         "saved": outcome.saved,
         "path": str(outcome.path) if outcome.path else None,
@@ -199,6 +204,8 @@ def summary_json(outcome) -> dict[str, Any]:
         "total_batches": fmap.total_batches,
         "cross_run_spearman": fmap.convergence.cross_run_spearman if fmap.convergence else None,
         "low_confidence_modules": list(fmap.low_confidence_modules),
+        "need_top10_share": need.top10_share if need else None,
+        "need_spread_evenly": need.spread_evenly if need else None,
         "warnings": list(outcome.warnings),
         "skipped": list(outcome.skipped),
         "seconds": round(outcome.result.seconds, 3),

@@ -78,8 +78,9 @@ BudgetOpt = Annotated[
 ]
 AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.")]
 RankSignalOpt = Annotated[
-    str, typer.Option("--rank-signal", help="Second factor of each module's rank: data (gradient sketch rank), fisher "
-                                            "(score only), weight (reference's weight SVD) or grad-energy.")
+    str, typer.Option("--rank-signal", help="What sizes each module's rank: data (gradient sketch rank), fisher "
+                                            "(score only), weight (reference's weight SVD), grad-energy, or need "
+                                            "(noise-free mean gradient; water-filling under --budget flat).")
 ]
 AllowTurboOpt = Annotated[
     bool, typer.Option("--allow-turbo", help="Analyse a turbo model anyway (Preprocessing++ can destabilise turbo training).")

@@ -1,0 +1,233 @@
+"""Planted benchmark: does the map put the adapter where the data needs change? (issue 18)
+
+A base model carries a known, concentrated, high-rank change in |S| planted modules (bench/planted_lib/plant.py:
+the pretrained tiny DiT with calibrated random rank-16..48 changes; the teacher is the unchanged model and the
+dataset is drawn from the law it was pretrained on, so the teacher is consistent with its data). Every arm is
+fine-tuned with the project's own `train()` at the parameter count of flat LoRA (±1%), and judged by the relative
+distillation error against the teacher on fixed seeded inputs (1 = the planted base, 0 = the teacher), next to
+the flow-matching test loss and forgetting (loss change on another law). Arms: flat; oracle (the planted modules,
+ranks ∝ true ranks); planted modules at equal ranks; our map for each --rank-signal (--budget flat); the
+reference (Side-Step) rule; the random-permutation control of the default map. The LR is chosen on validation.
+
+    python bench/planted.py                 # default: plants 0-3 × seeds 0,1 (n = 8 paired cells)
+    python bench/planted.py --quick         # CI smoke (tiny sizes, one cell, one LR)
+
+stdout: one JSON line per arm × cell, then one summary JSON line; --out FILE writes everything, --markdown the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from planted_lib.control import own_samples  # noqa: E402
+from planted_lib.plant import PlantSpec, ensure_plant  # noqa: E402
+from planted_lib.runner import DEFAULT_SIGNAL, SIGNALS, CellConfig, Data, outputs, run_cell  # noqa: E402
+from quality_lib.arms import Budget  # noqa: E402
+from quality_lib.base_model import MODEL_FOLDER, BaseSpec, ensure_base  # noqa: E402
+from quality_lib.evaluate import eval_loss, make_eval_set  # noqa: E402
+from quality_lib.stats import mean_std, paired  # noqa: E402
+from quality_lib.synthetic import draw_samples, shifted_law, write_split  # noqa: E402
+
+from sidestep.analysis.config import AnalysisConfig  # noqa: E402
+from sidestep.analysis.run import analyze_dataset  # noqa: E402
+from sidestep.models import find_model, load_model, resolve_runtime  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = {
+    "default": dict(plants="0,1,2,3", seeds=2, layers=4, hidden=128, pretrain_steps=1500, train_samples=24,
+                    eval_samples=8, eval_draws=4, steps=100, batch_size=4, warmup=10, lrs="1e-3,3e-3", rank=4,
+                    rank_min=1, rank_max=64, rank_step=1, damage=0.004, ode_steps=20),
+    "quick": dict(plants="0", seeds=1, layers=2, hidden=64, pretrain_steps=100, train_samples=8, eval_samples=3,
+                  eval_draws=2, steps=6, batch_size=2, warmup=1, lrs="1e-3", rank=4, rank_min=1, rank_max=32,
+                  rank_step=1, damage=0.002, ode_steps=4),
+}
+ARM_LABELS = {"flat": "flat LoRA, all targets", "oracle": "oracle: planted modules, ranks ∝ true ranks",
+              "planted_equal": "planted modules, equal ranks", "reference": "reference rule (Side-Step)",
+              "control": f"control: permuted map ({DEFAULT_SIGNAL})",
+              **{f"map_{s}": f"our map, --rank-signal {s}" + (" (default)" if s == DEFAULT_SIGNAL else "")
+                 for s in SIGNALS}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI smoke preset")
+    p.add_argument("--plants", default=None, help="plant seeds, comma-separated (default 0,1,2,3)")
+    p.add_argument("--plant-seed", default=None, help="alias of --plants")
+    p.add_argument("--signals", default=",".join(SIGNALS), help="rank signals to build map arms for")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--cache", type=Path, default=REPO / ".bench-cache" / "quality")
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--threads", type=int, default=1)
+    g = p.add_argument_group("sizes (override the preset)")
+    for name, kind in (("seeds", int), ("layers", int), ("hidden", int), ("pretrain-steps", int),
+                       ("train-samples", int), ("eval-samples", int), ("eval-draws", int), ("steps", int),
+                       ("batch-size", int), ("warmup", int), ("lrs", str), ("rank", int), ("rank-min", int),
+                       ("rank-max", int), ("rank-step", int), ("damage", float), ("ode-steps", int)):
+        g.add_argument(f"--{name}", type=kind, default=None)
+    args = p.parse_args(argv)
+    args.plants = args.plants or args.plant_seed
+    for key, value in PRESETS["quick" if args.quick else "default"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None, emit=print) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    runtime = resolve_runtime("cpu", "fp32", False)
+    spec = BaseSpec(num_layers=args.layers, hidden=args.hidden, steps=args.pretrain_steps)
+    base = ensure_base(args.cache, spec, log)
+    teacher = load_model(find_model(base.root, MODEL_FOLDER, None), runtime)
+    cfg = CellConfig(Budget(args.rank, args.rank_min, args.rank_max, args.rank_step), args.steps, args.batch_size,
+                     args.warmup, tuple(float(x) for x in args.lrs.split(",")), tuple(args.signals.split(",")))
+    records, cells, plants, controls = [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="sidestep-planted-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        for plant_seed in (int(x) for x in args.plants.split(",")):
+            plant = ensure_plant(base, teacher.transformer, args.layers, teacher.variant,
+                                 PlantSpec(plant_seed, damage=args.damage), args.cache.parent / "planted", log)
+            loaded = load_model(find_model(plant.root, MODEL_FOLDER, None), runtime)
+            v = loaded.variant
+            root = workdir / f"plant-{plant_seed}"
+            train_samples = draw_samples(base.law, args.train_samples, 20_000 + plant_seed, "train")
+            write_split(root / "train", train_samples)
+            other_law, _ = shifted_law(base.law, 500)
+            data = Data(root / "train",
+                        make_eval_set(draw_samples(base.law, args.eval_samples, 30_000 + plant_seed, "val"), args.eval_draws, v, 1),
+                        make_eval_set(draw_samples(base.law, args.eval_samples, 40_000 + plant_seed, "test"), args.eval_draws, v, 2),
+                        make_eval_set(draw_samples(other_law, args.eval_samples, 50_000, "other"), args.eval_draws, v, 3))
+            t_out = {"val": outputs(teacher.transformer, data.val), "test": outputs(teacher.transformer, data.test)}
+            b_out = {"val": outputs(loaded.transformer, data.val), "test": outputs(loaded.transformer, data.test),
+                     "other_loss": eval_loss(loaded.transformer, data.other)[0]}
+            plants.append(plant.describe() | {"base_test_loss": eval_loss(loaded.transformer, data.test)[0],
+                                              "teacher_test_loss": eval_loss(teacher.transformer, data.test)[0]})
+            log(f"plant {plant_seed}: {plant.describe()}")
+            for seed in range(args.seeds):
+                log(f"plant {plant_seed}, seed {seed}")
+                recs, info = run_cell(plant, seed, data, loaded, t_out, b_out, runtime, cfg, workdir, log)
+                for rec in recs:
+                    emit(json.dumps(rec))
+                records.extend(recs)
+                cells.append(info)
+            controls.append(_own_sample_control(loaded, train_samples, root, args, cfg, runtime))
+    summary = summarize(records, cells, plants, controls)
+    summary.update({"summary": True, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "wall_seconds": time.perf_counter() - started})
+    emit(json.dumps(summary))
+    for line in summary["verdicts"]:
+        log(line)
+    if args.out:
+        args.out.write_text(json.dumps({"records": records, "cells": cells, **summary}, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(summary, "python bench/planted.py " + " ".join(argv or sys.argv[1:])))
+    return summary
+
+
+def _own_sample_control(loaded, conditions, root: Path, args, cfg: CellConfig, runtime) -> dict:
+    """The analysis on samples drawn from the planted base itself: how concentrated is the need there?"""
+    folder = root / "own"
+    write_split(folder, own_samples(loaded.transformer, conditions, args.ode_steps, 1))
+    b = cfg.budget
+    acfg = AnalysisConfig(dataset_dir=folder, output=root / "own-map.json", base_rank=b.base, rank_min=b.lo,
+                          rank_max=b.hi, rank_step=b.step, budget="flat", write_init=False, seed=0)
+    outcome = analyze_dataset(acfg, loaded.entry, runtime, loader=lambda _e, _r: loaded)
+    need = outcome.map.extra.get("need", {})
+    return {"top10_share": need.get("top10_share"),
+            "need_per_param": {n: v["need_per_param"] for n, v in need.get("per_module", {}).items()}}
+
+
+def summarize(records: list[dict], cells: list[dict], plants: list[dict], controls: list[dict]) -> dict:
+    by_arm: dict[str, list[dict]] = {}
+    for rec in records:
+        by_arm.setdefault(rec["arm"], []).append(rec)
+    key = lambda r: (r["plant"], r["seed"])  # noqa: E731
+    flat = {key(r): r for r in by_arm["flat"]}
+    oracle = {key(r): r for r in by_arm.get("oracle", [])}
+    control = {key(r): r for r in by_arm.get("control", [])}
+    arms, verdicts = {}, []
+    for arm, recs in by_arm.items():
+        row = {"label": ARM_LABELS.get(arm, arm), "n": len(recs), "params": sorted({r["params"] for r in recs})}
+        for metric in ("distill", "test_loss", "forgetting"):
+            row[metric] = mean_std([r[metric] for r in recs])
+            if arm != "flat":
+                row[f"{metric}_vs_flat"] = paired([r[metric] - flat[key(r)][metric] for r in recs])
+        if arm not in ("flat", "oracle") and oracle:
+            gains = [(flat[key(r)]["distill"] - r["distill"]) for r in recs]
+            oracle_gain = statistics.fmean(flat[k]["distill"] - o["distill"] for k, o in oracle.items())
+            row["oracle_gain_share"] = statistics.fmean(gains) / oracle_gain if oracle_gain else None
+        if arm.startswith("map_") and control:
+            row["distill_vs_control"] = paired([r["distill"] - control[key(r)]["distill"] for r in recs])
+        arms[arm] = row
+        for metric in ("distill", "forgetting"):
+            stat = row.get(f"{metric}_vs_flat")
+            if stat and stat["ci95_t"]:
+                lo, hi = stat["ci95_t"]
+                word = "better" if hi < 0 else "worse" if lo > 0 else "no significant difference from"
+                verdicts.append(f"{arm} vs flat, {metric}: {stat['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] n={stat['n']}: {word}"
+                                f"{'' if word.startswith('no') else ' than'} flat")
+    signals = sorted({s for c in cells for s in c["precision_top_S"]})
+    precision = {s: statistics.fmean(c["precision_top_S"][s] for c in cells) for s in signals}
+    differential = _differential(cells, controls)
+    return {"arms": arms, "precision_top_S": precision, "plants": plants, "differential_control": differential,
+            "verdicts": verdicts}
+
+
+def _differential(cells: list[dict], controls: list[dict]) -> dict:
+    """Concentration on planted data vs on the base's own samples; need agreement across seeds and across plants."""
+    def rho(a: dict, b: dict) -> float:
+        names = sorted(a)
+        return float(spearmanr([a[n] for n in names], [b[n] for n in names])[0])
+    by_plant: dict[int, list[dict]] = {}
+    for c in cells:
+        by_plant.setdefault(c["plant"], []).append(c)
+    same = [rho(v[0]["need_per_param"], v[1]["need_per_param"]) for v in by_plant.values() if len(v) > 1]
+    firsts = [v[0]["need_per_param"] for v in by_plant.values()]
+    across = [rho(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]]
+    planted_share = [c["need_top10_share"] for c in cells]
+    own_share = [c["top10_share"] for c in controls]
+    return {"planted_top10_share": planted_share, "own_samples_top10_share": own_share,
+            "own_below_every_planted": bool(own_share and planted_share and max(own_share) < min(planted_share)),
+            "spearman_same_data_two_seeds": same, "spearman_two_plants": across}
+
+
+def markdown(summary: dict, command: str) -> str:
+    def ci(stat: dict | None) -> str:
+        if not stat:
+            return "—"
+        if not stat.get("ci95_t"):
+            return f"{stat['mean']:+.4f}"
+        lo, hi = stat["ci95_t"]
+        return f"{stat['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    lines = [f"Command: `{command}`", "",
+             "| arm | params | distill error (mean ± std) | Δ distill vs flat [95% CI] | share of oracle gain | "
+             "Δ test loss vs flat | Δ forgetting vs flat | Δ distill vs control |", "|---|---|---|---|---|---|---|---|"]
+    for arm, row in summary["arms"].items():
+        d = row["distill"]
+        share = row.get("oracle_gain_share")
+        lines.append(f"| {row['label']} | {'/'.join(map(str, row['params']))} | {d['mean']:.4f} ± {d['std']:.4f} | "
+                     f"{ci(row.get('distill_vs_flat'))} | {'—' if share is None else f'{share:.0%}'} | "
+                     f"{ci(row.get('test_loss_vs_flat'))} | {ci(row.get('forgetting_vs_flat'))} | "
+                     f"{ci(row.get('distill_vs_control'))} |")
+    lines += ["", "Precision of the planted modules among each signal's top-|S|: " +
+              ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S"].items()), "",
+              "Differential control: " + json.dumps(summary["differential_control"]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
