@@ -1,0 +1,76 @@
+"""The planted benchmark end to end at toy sizes, and the differential control of the need signal.
+
+The control: the analysis on samples the planted base draws itself must find a less concentrated need than on
+the planted task, the same data analysed with two seeds must agree, and two different plants must give
+different need maps. The last one does not hold yet (the need is still dominated by the model's own
+sensitivity, see bench/README.md "Planted"): it is a strict xfail, so the day it passes the marker must go.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "planted.py"
+pytestmark = pytest.mark.slow
+
+
+def _load_bench():
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("planted_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("planted")
+    lines: list[str] = []
+    argv = ["--quick", "--plants", "0,1", "--seeds", "2", "--signals", "data,need", "--cache", str(tmp / "cache" / "q"),
+            "--workdir", str(tmp / "work"), "--out", str(tmp / "result.json"), "--markdown", str(tmp / "table.md")]
+    threads = torch.get_num_threads()
+    try:
+        summary = _load_bench().main(argv, emit=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return summary, [json.loads(line) for line in lines[:-1]], json.loads((tmp / "result.json").read_text()), tmp
+
+
+def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_plant(quick_run):
+    summary, records, full, tmp = quick_run
+    arms = ["flat", "oracle", "planted_equal", "map_data", "map_need", "reference", "control"]
+    assert [r["arm"] for r in records] == arms * 4  # 2 plants × 2 seeds
+    flat = {(r["plant"], r["seed"]): r["params"] for r in records if r["arm"] == "flat"}
+    for rec in records:
+        assert abs(rec["params"] / flat[(rec["plant"], rec["seed"])] - 1) <= 0.01, rec["arm"]
+        for key in ("distill", "test_loss", "forgetting"):
+            assert math.isfinite(rec[key]), (rec["arm"], key)
+    for cell in full["cells"]:
+        assert cell["arms"]["oracle"]["planted_param_share"] == 1.0
+        assert cell["arms"]["planted_equal"]["planted_recall"] == 1.0
+        assert cell["arms"]["flat"]["planted_recall"] == 1.0
+        assert set(cell["precision_top_S"]) == {"data", "need"}
+    assert summary["arms"]["oracle"]["distill"]["mean"] < 1.0  # the oracle moves towards the teacher
+    assert "| arm |" in (tmp / "table.md").read_text()
+
+
+def test_need_is_less_concentrated_on_the_models_own_samples(quick_run):
+    control = quick_run[0]["differential_control"]
+    assert len(control["own_samples_top10_share"]) == 2 and len(control["planted_top10_share"]) == 4
+    assert control["own_below_every_planted"]
+
+
+def test_two_seeds_of_the_same_data_agree(quick_run):
+    assert min(quick_run[0]["differential_control"]["spearman_same_data_two_seeds"]) >= 0.95
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 18): the need map still describes the model more than the plant")
+def test_two_plants_give_different_need_maps(quick_run):
+    assert max(quick_run[0]["differential_control"]["spearman_two_plants"]) <= 0.5
