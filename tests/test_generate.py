@@ -1,0 +1,300 @@
+"""`sidestep generate` and samples during `train` on a tiny real checkpoint with a tiny real VAE and text encoder.
+
+The tiny models make noise, not music: these tests check durations, the sample rate, determinism, and that
+an adapter (and only an adapter) changes the render.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from sidestep.cli.app import main
+from sidestep.errors import ConfigError
+from sidestep.generation import MAX_DURATION_S, PromptDefaults, read_prompts, resolve_settings
+from sidestep.models import resolve_runtime, variant_defaults
+from sidestep.testing.tiny_audio import write_preprocess_components
+from sidestep.training import saving
+from sidestep.training.config import TrainConfig
+from sidestep.training.export import export_adapter
+from sidestep.training.run import train
+from train_support import tiny_setup
+
+CPU = resolve_runtime("cpu", "fp32", False)
+RENDER = ["--device", "cpu", "--precision", "fp32", "--steps", "2", "--duration", "0.6"]
+PROMPT = "bright synth chord"
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["sidestep", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return exited.value.code or 0, captured.out, captured.err
+
+
+def _train_config(dataset: Path, out: Path, **extra) -> TrainConfig:
+    values = dict(dataset_dir=dataset, output_dir=out, rank=4, lr=1e-2, max_steps=4, warmup_steps=0, save_every=0,
+                  ignore_fisher_map=True)
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def listen(tmp_path_factory):
+    """A tiny checkpoint root with VAE + text encoder, a dataset, and an adapter trained hard enough to be heard."""
+    root = tmp_path_factory.mktemp("listen")
+    choice, dataset = tiny_setup(root, samples=3)
+    write_preprocess_components(choice.checkpoint_dir, text_hidden_dim=32, seed=0)
+    outcome = train(_train_config(dataset, root / "trained"), choice, CPU)
+    exported = {fmt: export_adapter(outcome.final_dir, root / "exported" / fmt, fmt).path
+                for fmt in ("comfyui", "diffusers")}
+    return choice, dataset, root / "trained", exported
+
+
+def _generate(monkeypatch, capsys, listen, out: Path, *extra: str) -> tuple[int, str, str]:
+    choice = listen[0]
+    return _main(monkeypatch, capsys, "generate", "--checkpoint-dir", str(choice.checkpoint_dir), "--model", "base",
+                 "--out", str(out), *RENDER, *extra)
+
+
+def _audio(path: Path) -> np.ndarray:
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    assert rate == 48000
+    return data
+
+
+def test_generate_writes_48k_stereo_wav_of_the_requested_duration_and_its_settings(monkeypatch, capsys, listen,
+                                                                                    tmp_path):
+    code, out, err = _generate(monkeypatch, capsys, listen, tmp_path / "o", "--prompt", PROMPT, "--duration", "1.2",
+                               "--seed", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    wav = tmp_path / "o" / "bright-synth-chord.wav"
+    info = sf.info(str(wav))
+    assert (info.samplerate, info.channels, info.frames) == (48000, 2, 57600)  # 1.2 s = 30 latent frames x 1920
+    settings = json.loads((tmp_path / "o" / "bright-synth-chord.json").read_text())
+    assert settings["prompt"]["seed"] == 3 and settings["prompt"]["duration"] == 1.2
+    assert settings["settings"] == {"steps": 2, "guidance": 7.0, "shift": 1.0} == {k: result[k] for k in settings["settings"]}
+    assert settings["adapter"] is None and settings["files"] == {"base": "bright-synth-chord.wav"}
+    assert np.abs(_audio(wav)).max() > 0.5  # normalised to -1 dBFS by the pipeline
+
+
+def test_same_seed_gives_identical_audio_and_another_seed_does_not(monkeypatch, capsys, listen, tmp_path):
+    runs = {}
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        code, _, err = _generate(monkeypatch, capsys, listen, tmp_path / name, "--prompt", PROMPT, "--seed", seed)
+        assert code == 0, err
+        runs[name] = _audio(tmp_path / name / "bright-synth-chord.wav")
+    assert np.array_equal(runs["a"], runs["b"])
+    assert np.abs(runs["a"] - runs["c"]).max() > 1e-2
+
+
+def test_strength_zero_is_the_base_model_and_the_trained_adapter_changes_the_render(monkeypatch, capsys, listen,
+                                                                                  tmp_path):
+    trained = listen[2]
+    renders = {}
+    for name, extra in (("base", ()), ("zero", ("--adapter", str(trained), "--strength", "0")),
+                        ("half", ("--adapter", str(trained), "--strength", "0.5")),
+                        ("full", ("--adapter", str(trained)))):
+        code, _, err = _generate(monkeypatch, capsys, listen, tmp_path / name, "--prompt", PROMPT, *extra)
+        assert code == 0, err
+        renders[name] = _audio(tmp_path / name / "bright-synth-chord.wav")
+    assert np.array_equal(renders["zero"], renders["base"])
+    assert np.abs(renders["full"] - renders["base"]).max() > 1e-3
+    assert np.abs(renders["half"] - renders["base"]).max() > 1e-4
+    assert np.abs(renders["half"] - renders["full"]).max() > 1e-4
+
+
+def test_compare_renders_base_and_adapter_side_by_side(monkeypatch, capsys, listen, tmp_path):
+    code, _, err = _generate(monkeypatch, capsys, listen, tmp_path / "cmp", "--prompt", PROMPT, "--compare",
+                             "--adapter", str(listen[2] / "final"))
+    assert code == 0, err
+    code, _, err = _generate(monkeypatch, capsys, listen, tmp_path / "base", "--prompt", PROMPT)
+    assert code == 0, err
+    base = _audio(tmp_path / "base" / "bright-synth-chord.wav")
+    assert np.array_equal(_audio(tmp_path / "cmp" / "bright-synth-chord.base.wav"), base)
+    assert np.abs(_audio(tmp_path / "cmp" / "bright-synth-chord.adapter.wav") - base).max() > 1e-3
+    record = json.loads((tmp_path / "cmp" / "bright-synth-chord.json").read_text())
+    assert record["files"] == {"adapter": "bright-synth-chord.adapter.wav", "base": "bright-synth-chord.base.wav"}
+
+
+def test_exported_comfyui_and_diffusers_files_render_like_the_adapter_folder(monkeypatch, capsys, listen, tmp_path):
+    _, _, trained, exported = listen
+    renders = {}
+    for name, source in (("folder", trained / "final"), *exported.items()):
+        code, _, err = _generate(monkeypatch, capsys, listen, tmp_path / name, "--prompt", PROMPT, "--adapter",
+                                 str(source))
+        assert code == 0, err
+        renders[name] = _audio(tmp_path / name / "bright-synth-chord.wav")
+    for name in exported:
+        np.testing.assert_allclose(renders[name], renders["folder"], atol=1e-4, err_msg=name)
+
+
+def test_prompts_file_renders_each_entry_with_its_own_duration_and_seed(monkeypatch, capsys, listen, tmp_path):
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text('[[prompts]]\nname = "one"\nprompt = "calm piano"\nduration = 0.4\n\n'
+                       '[[prompts]]\nprompt = "noise bursts, drums"\nbpm = 120\nseed = 9\n', encoding="utf-8")
+    code, out, err = _generate(monkeypatch, capsys, listen, tmp_path / "o", "--prompts", str(prompts), "--json")
+    assert code == 0, err
+    clips = json.loads(out)["clips"]
+    assert [c["name"] for c in clips] == ["one", "02-noise-bursts-drums"]
+    assert sf.info(str(tmp_path / "o" / "one.wav")).frames == 10 * 1920
+    assert sf.info(str(tmp_path / "o" / "02-noise-bursts-drums.wav")).frames == 15 * 1920  # --duration 0.6
+    second = json.loads((tmp_path / "o" / "02-noise-bursts-drums.json").read_text())["prompt"]
+    assert second["seed"] == 9 and second["bpm"] == 120
+
+
+def _bad_inputs(tmp: Path, listen) -> list[tuple[list[str], str]]:
+    (tmp / "broken.toml").write_text("[[prompts]\nprompt = ", encoding="utf-8")
+    (tmp / "empty.json").write_text("[]", encoding="utf-8")
+    (tmp / "notes.txt").write_text("not an adapter", encoding="utf-8")
+    (tmp / "folder").mkdir()
+    (tmp / "taken").mkdir()
+    (tmp / "taken" / "bright-synth-chord.wav").write_bytes(b"keep me")
+    return [
+        (["--prompts", str(tmp / "broken.toml")], "does not parse as TOML"),
+        (["--prompts", str(tmp / "empty.json")], "the prompt list is empty"),
+        (["--prompt", PROMPT, "--duration", "0"], "must be more than 0 seconds"),
+        (["--prompt", PROMPT, "--duration", str(MAX_DURATION_S + 1)], "beyond the model's limit"),
+        (["--prompt", PROMPT, "--adapter", str(tmp / "notes.txt")], "cannot be read as safetensors"),
+        (["--prompt", PROMPT, "--adapter", str(tmp / "folder")], "holds no adapter"),
+        (["--prompt", PROMPT, "--adapter", str(tmp / "missing")], "does not exist"),
+        (["--prompt", PROMPT, "--strength", "0.5"], "--strength needs --adapter"),
+        ([], "Nothing to render"),
+        (["--prompt", PROMPT, "--out", str(tmp / "taken")], "already exists; pass --overwrite"),
+    ]
+
+
+def test_bad_input_is_one_sentence_before_any_model_loads(monkeypatch, capsys, listen, tmp_path):
+    import sidestep.training.generate as gen
+
+    monkeypatch.setattr(gen, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    for args, message in _bad_inputs(tmp_path, listen):
+        code, out, err = _generate(monkeypatch, capsys, listen, tmp_path / "o", *args)
+        assert code == 1 and message in err, (args, err)
+        assert "Traceback" not in err and err.count("Error:") == 1 and out == ""
+    assert (tmp_path / "taken" / "bright-synth-chord.wav").read_bytes() == b"keep me"
+
+
+def test_missing_vae_or_text_encoder_is_named_before_any_model_loads(monkeypatch, capsys, tmp_path):
+    import sidestep.training.generate as gen
+
+    monkeypatch.setattr(gen, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    choice, _ = tiny_setup(tmp_path, samples=1)
+    args = ["generate", "--checkpoint-dir", str(choice.checkpoint_dir), "--model", "base", "--prompt", PROMPT,
+            "--out", str(tmp_path / "o"), *RENDER]
+    code, _, err = _main(monkeypatch, capsys, *args)
+    assert code == 1 and "No VAE found" in err and "Traceback" not in err
+    write_preprocess_components(choice.checkpoint_dir, text_hidden_dim=32)
+    import shutil
+
+    shutil.rmtree(choice.checkpoint_dir / "Qwen3-Embedding-0.6B")
+    code, _, err = _main(monkeypatch, capsys, *args)
+    assert code == 1 and "No text encoder found" in err
+
+
+def test_overwrite_replaces_an_existing_render(monkeypatch, capsys, listen, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "bright-synth-chord.wav").write_bytes(b"old")
+    code, _, err = _generate(monkeypatch, capsys, listen, tmp_path / "o", "--prompt", PROMPT, "--overwrite")
+    assert code == 0, err
+    assert sf.info(str(tmp_path / "o" / "bright-synth-chord.wav")).frames == 15 * 1920
+
+
+def test_variant_defaults_turbo_without_guidance_base_with_it():
+    turbo = resolve_settings(variant_defaults("turbo"))
+    base = resolve_settings(variant_defaults("base"))
+    assert (turbo.steps, turbo.guidance, turbo.shift) == (8, 1.0, 3.0)
+    assert (base.steps, base.guidance) == (50, 7.0) and base.guidance > 1.0
+    with pytest.raises(ConfigError, match="turbo models have guidance distilled"):
+        resolve_settings(variant_defaults("turbo"), guidance=5.0)
+    with pytest.raises(ConfigError, match="--steps"):
+        resolve_settings(variant_defaults("base"), steps=0)
+
+
+def test_prompts_files_in_json_and_toml_with_defaults(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps(["plain text", {"prompt": "with fields", "duration": 12, "seed": 4,
+                                                                  "keyscale": "A minor"}]), encoding="utf-8")
+    (tmp_path / "p.toml").write_text('[[prompts]]\nprompt = "plain text"\n', encoding="utf-8")
+    (tmp_path / "dup.json").write_text(json.dumps([{"prompt": "a", "name": "x"}, {"prompt": "b", "name": "x"}]),
+                                       encoding="utf-8")
+    (tmp_path / "odd.json").write_text(json.dumps([{"prompt": "a", "tempo": 3}]), encoding="utf-8")
+    first, second = read_prompts(tmp_path / "p.json", PromptDefaults(duration=20.0, seed=7))
+    assert (first.prompt, first.duration, first.seed, first.lyrics) == ("plain text", 20.0, 7, "[Instrumental]")
+    assert (second.duration, second.seed, second.keyscale) == (12.0, 4, "A minor")
+    (toml_first,) = read_prompts(tmp_path / "p.toml", PromptDefaults(duration=20.0, seed=7))
+    assert toml_first == first
+    with pytest.raises(ConfigError, match="share the name 'x'"):
+        read_prompts(tmp_path / "dup.json")
+    with pytest.raises(ConfigError, match="unknown field 'tempo'"):
+        read_prompts(tmp_path / "odd.json")
+
+
+# ---- samples during training ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_samples_at_0_3_6_and_ends_with_the_same_adapter_as_without(listen, tmp_path, monkeypatch, capsys):
+    choice, dataset, _, _ = listen
+    prompts = tmp_path / "samples.json"
+    prompts.write_text(json.dumps([{"name": "probe", "prompt": PROMPT, "duration": 0.6, "seed": 1}]), encoding="utf-8")
+    # Adapter dropout draws from the global RNG: a sampler that disturbed it would change the adapter.
+    common = dict(max_steps=6, dropout=0.1, lr=1e-3)
+    events = []
+    train(_train_config(dataset, tmp_path / "plain", **common), choice, CPU)
+    train(_train_config(dataset, tmp_path / "sampled", sample_every=3, sample_prompts=prompts, sample_steps=2,
+                        **common), choice, CPU, events.append)
+    plain = saving.read_adapter_dir(tmp_path / "plain" / "final").tensors
+    sampled = saving.read_adapter_dir(tmp_path / "sampled" / "final").tensors
+    assert plain.keys() == sampled.keys() and all(torch.equal(plain[k], sampled[k]) for k in plain)
+
+    steps = sorted(p.name for p in (tmp_path / "sampled" / "samples").iterdir())
+    assert steps == ["step-0", "step-3", "step-6"]
+    renders = {s: _audio(tmp_path / "sampled" / "samples" / s / "probe.wav") for s in steps}
+    assert all(r.shape == (15 * 1920, 2) for r in renders.values())
+    assert np.abs(renders["step-6"] - renders["step-0"]).max() > 1e-4  # training changed what it sounds like
+    assert [e.step for e in events if type(e).__name__ == "SamplesSaved"] == [0, 3, 6]
+
+    # Step 0 is the base model, rendered exactly as `sidestep generate` renders it (same prompt, seed, steps).
+    code, _, err = _main(monkeypatch, capsys, "generate", "--checkpoint-dir", str(choice.checkpoint_dir), "--model",
+                         "base", "--out", str(tmp_path / "gen"), "--prompts", str(prompts), *RENDER)
+    assert code == 0, err
+    np.testing.assert_allclose(renders["step-0"], _audio(tmp_path / "gen" / "probe.wav"), atol=1e-6)
+
+
+def test_train_sampling_flags_fail_before_any_model_loads(monkeypatch, capsys, listen, tmp_path):
+    import sidestep.training.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    choice, dataset, _, _ = listen
+    (tmp_path / "empty.toml").write_text("prompts = []\n", encoding="utf-8")
+    base = ["train", "--dataset-dir", str(dataset), "--checkpoint-dir", str(choice.checkpoint_dir), "--model", "base",
+            "--device", "cpu", "--max-steps", "2"]
+    for extra, message in ((["--sample-every", "2", "--sample-prompts", str(tmp_path / "empty.toml")], "prompt list is empty"),
+                           (["--sample-prompts", str(tmp_path / "empty.toml")], "needs --sample-every"),
+                           (["--sample-every", "-1"], "--sample-every must be")):
+        code, _, err = _main(monkeypatch, capsys, *base, "--output-dir", str(tmp_path / "o"), *extra)
+        assert code == 1 and message in err and "Traceback" not in err, (extra, err)
+
+
+def test_train_default_sample_prompt_comes_from_a_dataset_caption(listen, tmp_path):
+    from sidestep.data import scan_dataset
+    from sidestep.models.variants import with_config
+    from sidestep.training.sampling import plan_samples
+
+    choice, dataset, _, _ = listen
+    config = _train_config(dataset, tmp_path / "o", sample_every=5)
+    variant = with_config(variant_defaults("base"), choice.entry.config)
+    plan = plan_samples(config, choice.entry, choice.checkpoint_dir, variant, scan_dataset(dataset).files)
+    (prompt,) = plan.prompts
+    assert prompt.prompt == "synthetic song 0" and prompt.lyrics == "[Instrumental]" and 0 < prompt.duration <= 30
+    assert plan.every == 5 and plan.settings.steps == 50
