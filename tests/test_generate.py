@@ -298,3 +298,31 @@ def test_train_default_sample_prompt_comes_from_a_dataset_caption(listen, tmp_pa
     (prompt,) = plan.prompts
     assert prompt.prompt == "synthetic song 0" and prompt.lyrics == "[Instrumental]" and 0 < prompt.duration <= 30
     assert plan.every == 5 and plan.settings.steps == 50
+
+
+# ---- the wizard's Generate -----------------------------------------------------------------------------
+
+
+def test_wizard_generate_renders_adapter_and_base_and_asks_before_replacing(listen, tmp_path, monkeypatch):
+    from sidestep import settings
+    from sidestep.wizard import generate_flow as gf
+    from sidestep.wizard.asker import ScriptedAsker
+    from sidestep.wizard.common import Session
+    from sidestep.wizard.menu import MENU
+
+    assert "generate" in [option.value for option in MENU]
+    choice, _, trained, _ = listen
+    settings.save_settings(settings.Settings(checkpoint_dir=choice.checkpoint_dir, first_run_done=True))
+    monkeypatch.setenv("SIDESTEP_DEVICE", "cpu")
+    out = tmp_path / "wiz"
+    script = ["", str(tmp_path / "nothing-here"), str(trained), "", "y", PROMPT, "", "0.6", "4", str(out), "y"]
+    asker = ScriptedAsker(list(script))
+    gf.generate_flow(asker, Session())
+    assert any("does not exist" in e for e in asker.errors)  # a bad adapter path is asked again
+    assert {p.name for p in out.glob("*.wav")} == {"bright-synth-chord.adapter.wav", "bright-synth-chord.base.wav"}
+    assert json.loads((out / "bright-synth-chord.json").read_text())["prompt"]["seed"] == 4
+
+    # The same prompt into the same folder: the wizard asks before replacing; "n" goes back to the folder.
+    asker = ScriptedAsker(["", "", PROMPT, "", "0.6", "", str(out), "n", str(tmp_path / "other"), "y"])
+    gf.generate_flow(asker, Session())
+    assert (tmp_path / "other" / "bright-synth-chord.wav").is_file()
