@@ -326,3 +326,40 @@ def test_wizard_generate_renders_adapter_and_base_and_asks_before_replacing(list
     asker = ScriptedAsker(["", "", PROMPT, "", "0.6", "", str(out), "n", str(tmp_path / "other"), "y"])
     gf.generate_flow(asker, Session())
     assert (tmp_path / "other" / "bright-synth-chord.wav").is_file()
+
+
+def test_each_prompt_is_encoded_once_and_the_text_encoder_can_stay_on_the_cpu(listen):
+    from sidestep.data.encoders import load_encoders
+    from sidestep.generation import Renderer, make_prompt
+    from sidestep.models import load_model
+
+    choice = listen[0]
+    loaded = load_model(choice.entry, CPU)
+    encoders = load_encoders(choice.entry, choice.checkpoint_dir, CPU)
+    calls = []
+    encoders.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    renderer = Renderer(loaded.transformer, encoders, loaded.variant)
+    settings = resolve_settings(loaded.variant, steps=1)
+    first = make_prompt("a", {"prompt": PROMPT, "duration": 0.2}, PromptDefaults())
+    second = make_prompt("b", {"prompt": "dark drones", "duration": 0.2}, PromptDefaults())
+    one = renderer.render(first, settings)
+    assert np.array_equal(renderer.render(first, settings), one) and len(calls) == 1
+    renderer.render(second, settings)
+    assert len(calls) == 2
+
+
+def test_a_failed_sample_render_warns_and_training_goes_on(listen, tmp_path, monkeypatch):
+    from sidestep.generation import render
+    from sidestep.training.events import Notice
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(render.Renderer, "render", out_of_memory)
+    choice, dataset, _, _ = listen
+    events = []
+    outcome = train(_train_config(dataset, tmp_path / "o", max_steps=2, sample_every=1), choice, CPU, events.append)
+    assert outcome.steps == 2 and (tmp_path / "o" / "final").is_dir()
+    warnings = [e.message for e in events if isinstance(e, Notice) and "Samples at step" in e.message]
+    assert warnings == ["Samples at step 0 failed (CUDA out of memory. Tried to allocate 2.00 GiB); training goes "
+                        "on without samples."]

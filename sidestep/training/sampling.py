@@ -20,7 +20,7 @@ import torch
 
 from sidestep.data.dataset import load_pt
 from sidestep.data.encoders import Encoders, load_encoders, require_encoder_files
-from sidestep.errors import DatasetError
+from sidestep.errors import DatasetError, SidestepError
 from sidestep.generation import (PromptDefaults, Renderer, RenderSettings, SamplePrompt, make_prompt, read_prompts,
                                  resolve_settings, write_wav)
 from sidestep.models import ModelEntry, Runtime
@@ -90,14 +90,26 @@ class TrainingSampler:
         self.runtime, self.variant, self.plan, self.total = runtime, variant, plan, total_steps
         self.output_dir, self.on_event = Path(output_dir), on_event
         self._renderer: Renderer | None = None
+        self._failed = False
 
     def on_train_start(self, state: LoopState) -> None:
         if state.step == 0:  # a resumed run already has its earlier samples
-            self.render(0)
+            self._render_or_warn(0)
 
     def on_step_end(self, state: LoopState) -> None:
         if state.step % self.plan.every == 0 or state.step == self.total:
-            self.render(state.step)
+            self._render_or_warn(state.step)
+
+    def _render_or_warn(self, step: int) -> None:
+        """Samples are for listening: a failed render (say, out of GPU memory) stops the samples, never training."""
+        if self._failed:
+            return
+        try:
+            self.render(step)
+        except (RuntimeError, OSError, ValueError, SidestepError) as err:
+            self._failed = True
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            self.on_event(Notice(f"Samples at step {step} failed ({reason}); training goes on without samples."))
 
     def render(self, step: int) -> SamplesSaved:
         """Render every prompt at `step` into `samples/step-N/`, leaving the training state as it was."""

@@ -26,7 +26,7 @@ def generate_flow(asker: Asker, session: Session) -> None:
 def _steps() -> list[Step]:
     has_adapter = lambda ans: ans.get("adapter") is not None  # noqa: E731
     return [
-        Step("model", ask_model),
+        Step("model", lambda a, ans: ask_model(a, ans, question="Which model? (the one the adapter was trained on)")),
         Step("adapter", _ask_adapter),
         Step("strength", _ask_strength, when=has_adapter),
         Step("compare", lambda a, ans: a.confirm("Also render the base model with the same seed, to compare?",
