@@ -363,3 +363,25 @@ def test_a_failed_sample_render_warns_and_training_goes_on(listen, tmp_path, mon
     warnings = [e.message for e in events if isinstance(e, Notice) and "Samples at step" in e.message]
     assert warnings == ["Samples at step 0 failed (CUDA out of memory. Tried to allocate 2.00 GiB); training goes "
                         "on without samples."]
+
+
+def test_train_display_sends_samples_to_tensorboard_as_mono_audio(tmp_path):
+    from sidestep.cli.train_cmd import TrainDisplay
+    from sidestep.generation import write_wav
+    from sidestep.training.events import SamplesSaved
+
+    class Writer:  # TensorBoard's SummaryWriter.add_audio signature; tensorboard itself is optional
+        def __init__(self):
+            self.calls = []
+
+        def add_audio(self, tag, snd_tensor, global_step=None, sample_rate=44100):
+            self.calls.append((tag, tuple(snd_tensor.shape), global_step, sample_rate))
+
+        def close(self):
+            pass
+
+    wav = write_wav(tmp_path / "samples" / "step-3" / "probe.wav", np.zeros((2, 4800), dtype=np.float32), 48000)
+    with TrainDisplay(tmp_path) as display:
+        display.writer = Writer()
+        display.on_event(SamplesSaved(3, (wav,), 48000, 0.5))
+        assert display.writer.calls == [("samples/probe", (1, 4800), 3, 48000)]

@@ -9,8 +9,7 @@ import typer
 
 from sidestep.cli import output
 from sidestep.cli.app import app
-from sidestep.cli.options import (BaseVariantOpt, CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, OverwriteOpt,
-                                  PrecisionOpt)
+from sidestep.cli.options import BaseVariantOpt, CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt
 from sidestep.errors import ConfigError
 
 __all__ = ["generate"]
@@ -30,14 +29,16 @@ ShiftOpt = Annotated[float | None, typer.Option("--shift", help="Timestep shift 
                                                 show_default=False)]
 BpmOpt = Annotated[int | None, typer.Option("--bpm", help="Tempo hint, 30-300.", show_default=False)]
 KeyscaleOpt = Annotated[str | None, typer.Option("--keyscale", help="Key hint, e.g. \"C major\".", show_default=False)]
-PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="A TOML ([[prompts]] tables) or JSON list of prompts "
-                                                                   "(prompt, lyrics, duration, seed, bpm, keyscale, name).",
+PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="A .toml (a prompts array of tables) or .json list of "
+                                                                   "prompts: prompt, lyrics, duration, seed, bpm, keyscale, "
+                                                                   "name.",
                                                  show_default=False)]
 AdapterPathOpt = Annotated[Path | None, typer.Option("--adapter", help="An adapter folder, a training output folder, "
                                                                        "or an exported diffusers/ComfyUI .safetensors.",
                                                      show_default=False)]
 StrengthOpt = Annotated[float, typer.Option("--strength", help="Adapter strength: 0 = the base model, 1 = as trained.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder for the .wav files and their settings .json.")]
+ReplaceOpt = Annotated[bool, typer.Option("--overwrite", help="Replace .wav/.json files of the same names in --out.")]
 CompareOpt = Annotated[bool, typer.Option("--compare", help="Also render the base model with the same prompts and seeds "
                                                             "(NAME.base.wav beside NAME.adapter.wav).")]
 
@@ -58,7 +59,7 @@ def generate(
     shift: ShiftOpt = None,
     out: OutOpt = Path("generated"),
     compare: CompareOpt = False,
-    overwrite: OverwriteOpt = False,
+    overwrite: ReplaceOpt = False,
     checkpoint_dir: CheckpointDirOpt = None,
     model: ModelOpt = None,
     base_variant: BaseVariantOpt = None,

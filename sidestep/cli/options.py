@@ -160,8 +160,8 @@ SampleEveryOpt = Annotated[
 ]
 SamplePromptsOpt = Annotated[
     Path | None,
-    typer.Option("--sample-prompts", help="TOML ([[prompts]]) or JSON list of sample prompts (default: a dataset "
-                                          "caption).", show_default=False),
+    typer.Option("--sample-prompts", help="A .toml or .json prompts file, as for `sidestep generate` (default: "
+                                          "a dataset caption).", show_default=False),
 ]
 SampleStepsOpt = Annotated[
     int | None,
