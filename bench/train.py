@@ -229,9 +229,11 @@ def _sampling(args: argparse.Namespace) -> dict:
         return {}
     from sampling import sampling_report  # bench/sampling.py
 
+    # The same model size as the arms above; --quick only shortens the runs and the prompt.
     argv = ["--device", args.device, "--layers", str(args.layers), "--hidden", str(args.hidden),
             "--frames", str(args.frames), *(["--precision", args.precision] if args.precision else []),
-            *(["--real-size"] if args.real_size else []), *(["--quick"] if args.quick else [])]
+            *(["--real-size"] if args.real_size else []),
+            *(["--steps", "6", "--every", "3", "--duration", "2"] if args.quick else [])]
     return {"sampling": sampling_report(argv)}
 
 
