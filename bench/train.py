@@ -55,6 +55,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", action="store_true", help="Also report audio samples during training: share of "
+                                                          "training time, peak memory with/without (bench/sampling.py).")
     p.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -217,8 +219,22 @@ def main(argv: list[str] | None = None) -> None:
         "param_ratio_adaptive_over_flat": round(adaptive / flat, 4),
         "speed_ratio_adaptive_over_flat": round(result["adaptive"]["steps_per_s"] / result["flat"]["steps_per_s"], 3),
         "memory_note": "CUDA max_memory_allocated delta" if runtime.device.type == "cuda" else "peak RSS delta",
-        "arms": result, "seconds": round(time.perf_counter() - started, 1),
+        "arms": result, "seconds": round(time.perf_counter() - started, 1), **_sampling(args),
     }, indent=2))
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """With --sampling: bench/sampling.py's report at this model size (two real `train` runs)."""
+    if not args.sampling:
+        return {}
+    from sampling import sampling_report  # bench/sampling.py
+
+    # The same model size as the arms above; --quick only shortens the runs and the prompt.
+    argv = ["--device", args.device, "--layers", str(args.layers), "--hidden", str(args.hidden),
+            "--frames", str(args.frames), *(["--precision", args.precision] if args.precision else []),
+            *(["--real-size"] if args.real_size else []),
+            *(["--steps", "6", "--every", "3", "--duration", "2"] if args.quick else [])]
+    return {"sampling": sampling_report(argv)}
 
 
 if __name__ == "__main__":

@@ -116,10 +116,14 @@ def _only_rank0_wrote(streams, events) -> None:
 def test_train_two_processes_equal_one_with_grad_accum_and_resume_on_one(tiny, tmp_path):
     choice, dataset, _ = tiny
     out2 = tmp_path / "two"
+    prompts = tmp_path / "prompts.json"  # written before the watched run; samples render on process 0 only
+    prompts.write_text(json.dumps([{"name": "probe", "prompt": "a calm tone", "duration": 0.4}]))
     _, streams, events = _torchrun(tiny, tmp_path, "train", "--dataset-dir", str(dataset), "--output-dir", str(out2),
                                    "--rank", "4", "--lr", "1e-3", "--warmup-steps", "0", "--seed", "3",
-                                   "--max-steps", "4", "--save-every", "1", "--json")
+                                   "--max-steps", "4", "--save-every", "1", "--sample-every", "2", "--sample-steps", "1",
+                                   "--sample-prompts", str(prompts), "--json")
     _only_rank0_wrote(streams, events)
+    assert sorted(p.name for p in (out2 / "samples").iterdir()) == ["step-0", "step-2", "step-4"]
     stdout, stderr = streams[0]
     assert json.loads(stdout)["steps"] == 4  # one JSON document: nothing interleaved
     assert stderr.count("effective batch 2 (batch × grad-accum × 2 processes)") == 1

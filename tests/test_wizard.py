@@ -299,7 +299,7 @@ def test_train_flow_shows_the_map_and_lets_the_user_ignore_it(configured, datase
                                                               use_map):
     _write_map(dataset_dir)
     rank = [] if use_map == "Use it" else ["16"]  # with the map, the map decides ranks: no rank question
-    script = ["", "basic", "", str(dataset_dir), use_map, str(tmp_path / "out"), *rank, "", "2", "y", "n"]
+    script = ["", "basic", "", str(dataset_dir), use_map, str(tmp_path / "out"), *rank, "", "2", "", "y", "n"]
     asker = ScriptedAsker(script)
     tf.train_flow(asker, Session())
     [config] = recorded_trains
@@ -311,7 +311,7 @@ def test_train_flow_shows_the_map_and_lets_the_user_ignore_it(configured, datase
 
 def test_train_preset_applies_only_overlapping_fields(configured, dataset_dir, tmp_path, recorded_trains):
     presets.save_preset("mine", {"rank": 24, "rank_min": 8, "rank_max": 48, "lr": 5e-5, "batch_size": 2})
-    script = ["mine", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "", "y", "n"]
+    script = ["mine", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "", "", "y", "n"]
     asker = ScriptedAsker(script)
     tf.train_flow(asker, Session())
     [config] = recorded_trains
@@ -321,7 +321,7 @@ def test_train_preset_applies_only_overlapping_fields(configured, dataset_dir, t
 
 
 def test_train_advanced_asks_every_field_and_back_keeps_answers(configured, dataset_dir, tmp_path, recorded_trains):
-    fields = list(tf.ADVANCED_FIELDS) + ["gradient_checkpointing"]
+    fields = list(tf.ADVANCED_FIELDS) + ["sample_every", "gradient_checkpointing"]
     answers = ["", "advanced", "", str(dataset_dir), str(tmp_path / "out")] + [""] * len(fields)
     answers[5] = "32"  # rank
     answers[6:6] = ["b", ""]  # back at alpha -> rank shows 32 as its default
@@ -333,18 +333,40 @@ def test_train_advanced_asks_every_field_and_back_keeps_answers(configured, data
     assert ranks == [64, 32]
 
 
+def test_train_flow_asks_for_samples_and_rejects_a_bad_prompts_file(configured, dataset_dir, tmp_path,
+                                                                     recorded_trains):
+    good, bad = tmp_path / "prompts.toml", tmp_path / "bad.json"
+    good.write_text('[[prompts]]\nprompt = "warm pads"\nduration = 10\n', encoding="utf-8")
+    bad.write_text("[]", encoding="utf-8")
+    script = ["", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "", "25", str(bad), str(good), "y", "n"]
+    asker = ScriptedAsker(script)
+    tf.train_flow(asker, Session())
+    [config] = recorded_trains
+    assert config.sample_every == 25 and config.sample_prompts == good
+    assert any("prompt list is empty" in e for e in asker.errors)
+    assert "every 25 steps, from" in "".join(_table_text(item) for item in asker.said)  # in the summary table
+
+
+def _table_text(item) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(item)
+    return console.export_text()
+
+
 def test_train_flow_really_trains(configured, dataset_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SIDESTEP_DEVICE", "cpu")
     for extra in sorted(dataset_dir.glob("*.pt"))[2:]:
         extra.unlink()
     out = tmp_path / "out"
-    asker = ScriptedAsker(["", "basic", "", str(dataset_dir), str(out), "8", "", "1", "y", "n"])
+    asker = ScriptedAsker(["", "basic", "", str(dataset_dir), str(out), "8", "", "1", "", "y", "n"])
     tf.train_flow(asker, Session())
     assert (out / "final").is_dir()
     assert "Trained 2 steps" in asker.said_text()
     # Same folder again: the wizard asks what to do with the existing adapter.
     asker = ScriptedAsker(["", "basic", "", str(dataset_dir), str(out), "Choose another", str(tmp_path / "o2"),
-                           "8", "", "1", "n"])
+                           "8", "", "1", "", "n"])
     tf.train_flow(asker, Session())
     assert "Nothing was started" in asker.said_text()
 

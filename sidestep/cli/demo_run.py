@@ -11,6 +11,7 @@ def run_demo_job(paths: DemoPaths) -> None:
     _preprocess_step(paths)
     _analyze_step(paths)
     _train_step(paths)
+    _generate_step(paths)
 
 
 def _analyze_step(paths: DemoPaths) -> None:
@@ -60,3 +61,21 @@ def _train_step(paths: DemoPaths) -> None:
         outcome = train(config, choice, resolve_runtime("cpu", "fp32", False), display.on_event)
     mode = "Adaptive Rank" if outcome.adaptive else "flat"
     output.success(f"Train: {outcome.steps} steps ({mode}, {outcome.modules} modules); adapter in {outcome.final_dir}.")
+
+
+def _generate_step(paths: DemoPaths) -> None:
+    """Step 4: listen to the adapter (`sidestep generate --adapter DIR/output`); the tiny model makes noise, not music."""
+    from sidestep.generation import PromptDefaults, make_prompt
+    from sidestep.models.select import ModelChoice
+    from sidestep.training.generate import GenerateConfig, generate
+
+    entry = find_model(paths.checkpoints, DEMO_MODEL)
+    prompt = make_prompt("demo", {"prompt": "a bright major chord, synth", "bpm": 120, "keyscale": "C major"},
+                         PromptDefaults(duration=2.0, seed=0))
+    config = GenerateConfig((prompt,), paths.root / "generated", adapter=paths.root / "output", overwrite=True)
+    choice = ModelChoice(entry, paths.checkpoints, {"checkpoint_dir": "demo", "model": "demo"})
+    outcome = generate(config, choice, resolve_runtime("cpu", "fp32", False))
+    (clip,) = outcome.clips
+    wav = next(iter(clip.files.values()))
+    output.success(f"Generate: {prompt.duration:g} s at {outcome.sample_rate // 1000} kHz with the adapter "
+                   f"({outcome.settings.steps} steps) in {wav}; settings in {clip.settings_file.name}.")

@@ -154,3 +154,18 @@ NoInitOpt = Annotated[
     bool, typer.Option("--no-init", help="Do not write fisher_init.safetensors (the bases `sidestep train --init "
                                          "gradient` starts LoRA from).")
 ]
+
+# ---- listening (`sidestep train` samples)
+SampleEveryOpt = Annotated[
+    int, typer.Option("--sample-every", help="Render audio samples every N steps (and at step 0 and the end); 0 = never.")
+]
+SamplePromptsOpt = Annotated[
+    Path | None,
+    typer.Option("--sample-prompts", help="A .toml or .json prompts file, as for `sidestep generate` (default: "
+                                          "a dataset caption).", show_default=False),
+]
+SampleStepsOpt = Annotated[
+    int | None,
+    typer.Option("--sample-steps", help="Sampling steps per sample (default: 8 for turbo, 50 for base/sft).",
+                 show_default=False),
+]

@@ -15,7 +15,8 @@ from sidestep.cli.options import (AdapterKindOpt, AdapterRankOpt, AlphaOpt, Base
                                   CfgDropoutOpt, CheckpointDirOpt, DatasetDirOpt, DeviceOpt, DropoutOpt, EpochsOpt,
                                   GradAccumOpt, GradientCheckpointingOpt, IgnoreFisherMapOpt, InitOpt, JsonOpt, LrOpt,
                                   MaxGradNormOpt, MaxLatentLengthOpt, MaxStepsOpt, ModelOpt, OptimizerOpt, OutputDirOpt,
-                                  OverwriteOpt, PrecisionOpt, ResumeOpt, SaveEveryOpt, SchedulerOpt, SeedOpt,
+                                  OverwriteOpt, PrecisionOpt, ResumeOpt, SampleEveryOpt, SamplePromptsOpt,
+                                  SampleStepsOpt, SaveEveryOpt, SchedulerOpt, SeedOpt,
                                   SpikeFactorOpt, TargetModulesOpt, TimestepModeOpt, WarmupStepsOpt)
 from sidestep.errors import ConfigError
 from sidestep.training.config import TrainConfig
@@ -63,6 +64,9 @@ def train(
     max_latent_length: MaxLatentLengthOpt = None,
     init: InitOpt = _default("init"),
     spike_factor: SpikeFactorOpt = _default("spike_factor"),
+    sample_every: SampleEveryOpt = _default("sample_every"),
+    sample_prompts: SamplePromptsOpt = None,
+    sample_steps: SampleStepsOpt = None,
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -81,6 +85,7 @@ def train(
         max_grad_norm=max_grad_norm, seed=seed, save_every=save_every, resume=resume,
         ignore_fisher_map=ignore_fisher_map, cfg_dropout=cfg_dropout, timestep_mode=timestep_mode,
         max_latent_length=max_latent_length, init=init, spike_factor=spike_factor, overwrite=overwrite,
+        sample_every=sample_every, sample_prompts=sample_prompts, sample_steps=sample_steps,
     )
     choice = choose_model(checkpoint_dir, model, base_variant)
     runtime = choose_runtime(device, precision, gradient_checkpointing)
@@ -130,6 +135,20 @@ class TrainDisplay:
             self._started(event)
         elif isinstance(event, events.CheckpointSaved):
             output.info(f"{'Final adapter' if event.final else 'Checkpoint'} saved: {event.path}")
+        elif isinstance(event, events.SamplesSaved):
+            self._samples(event)
+
+    def _samples(self, event: Any) -> None:
+        folder = event.files[0].parent if event.files else "-"
+        output.info(f"Samples at step {event.step}: {len(event.files)} in {folder} ({event.seconds:.1f} s)")
+        if self.writer is not None:
+            import soundfile as sf
+            import torch
+
+            for path in event.files:
+                audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+                mono = torch.from_numpy(audio.mean(axis=1))[None]  # TensorBoard audio is mono
+                self.writer.add_audio(f"samples/{path.stem}", mono, event.step, sample_rate=rate)
 
     def _started(self, event: Any) -> None:
         output.info(f"Model: {event.model}")

@@ -34,7 +34,7 @@ from sidestep.models.device import Runtime
 from sidestep.models.discovery import Layout, ModelEntry, read_config
 
 __all__ = [
-    "Encoders", "load_encoders", "vae_geometry", "encode_audio", "encode_condition", "context_latents",
+    "Encoders", "load_encoders", "require_encoder_files", "vae_geometry", "encode_audio", "encode_condition", "context_latents",
     "TEXT_MAX_LENGTH", "LYRIC_MAX_LENGTH", "TEXT_ENCODER_FOLDER",
 ]
 
@@ -82,6 +82,16 @@ def load_encoders(entry: ModelEntry, checkpoint_dir: Path, runtime: Runtime) -> 
         vae = vae.to(runtime.device, torch.float32).requires_grad_(False).eval()
         condition = condition.to(runtime.device, runtime.dtype).requires_grad_(False).eval()
     return Encoders(vae, tokenizer, text_encoder, condition, silence, runtime)
+
+
+def require_encoder_files(entry: ModelEntry, checkpoint_dir: Path) -> None:
+    """A CheckpointError naming what is missing when the VAE, text encoder or condition encoder is absent;
+    reads only folder listings and config.json, so it runs before any model loads."""
+    root = Path(checkpoint_dir)
+    _first_dir(root / "vae", entry.path / "vae", what="VAE")
+    _first_dir(root / TEXT_ENCODER_FOLDER, entry.path / "text_encoder", what="text encoder")
+    if entry.layout is Layout.DIFFUSERS and not (entry.path / "condition_encoder" / "config.json").is_file():
+        raise CheckpointError(f"{entry.path}: no condition_encoder/config.json; rendering needs the condition encoder.")
 
 
 def vae_geometry(entry: ModelEntry, checkpoint_dir: Path) -> tuple[int, int]:

@@ -95,6 +95,9 @@ class TrainConfig:
     init: InitMode = InitMode.DEFAULT
     spike_factor: float = field(default=10.0, metadata={"help": "Stop when loss > factor x its EMA; 0 disables."})
     overwrite: bool = False
+    sample_every: int = field(default=0, metadata={"help": "Render audio samples every N steps; 0 = never."})
+    sample_prompts: Path | None = field(default=None, metadata={"help": "TOML/JSON prompts for the samples."})
+    sample_steps: int | None = field(default=None, metadata={"help": "Sampling steps; default by variant."})
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -127,12 +130,24 @@ class TrainConfig:
             raise ConfigError(f"--timestep-mode {self.timestep_mode!r}: use continuous or discrete.")
         if self.resume is not None and not str(self.resume).strip():
             raise ConfigError("--resume is empty; give a checkpoint folder or 'latest'.")
+        self._check_sampling()
         self._check_optimizer()
         if self.init not in AVAILABLE_INITS:
             raise ConfigError(f"--init {self.init.value} is not available yet in this version; use --init default.")
         if self.init is InitMode.GRADIENT and self.adapter in (AdapterKind.LOKR, AdapterKind.LOHA):
             raise ConfigError(f"--init gradient sets a LoRA/DoRA A matrix and does not apply to --adapter "
                               f"{self.adapter.value}; use --init default or --adapter lora/dora.")
+
+    def _check_sampling(self) -> None:
+        if isinstance(self.sample_every, bool) or not isinstance(self.sample_every, int) or self.sample_every < 0:
+            raise ConfigError(f"--sample-every must be a whole number >= 0 (0 = no samples), got {self.sample_every!r}.")
+        if self.sample_steps is not None:
+            _positive_int(self.sample_steps, "--sample-steps")
+        if self.sample_prompts is not None:
+            object.__setattr__(self, "sample_prompts", Path(self.sample_prompts))
+        if self.sample_every == 0 and (self.sample_prompts is not None or self.sample_steps is not None):
+            flag = "--sample-prompts" if self.sample_prompts is not None else "--sample-steps"
+            raise ConfigError(f"{flag} needs --sample-every N: how many steps apart the samples are rendered.")
 
     def _check_optimizer(self) -> None:
         if self.optimizer is OptimizerKind.ADAMW8BIT and importlib.util.find_spec("bitsandbytes") is None:

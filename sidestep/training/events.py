@@ -8,7 +8,7 @@ from typing import Callable, Union
 
 from sidestep.training.adapters import MapSummary
 
-__all__ = ["Started", "Progress", "CheckpointSaved", "Notice", "MapSummary", "TrainEvent", "OnEvent", "noop"]
+__all__ = ["Started", "Progress", "CheckpointSaved", "SamplesSaved", "Notice", "MapSummary", "TrainEvent", "OnEvent", "noop"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,16 @@ class CheckpointSaved:
 
 
 @dataclass(frozen=True)
+class SamplesSaved:
+    """Audio samples rendered at `step` (0 = the model before training), one WAV per prompt."""
+
+    step: int
+    files: tuple[Path, ...]
+    sample_rate: int
+    seconds: float  # wall time of this round of sampling
+
+
+@dataclass(frozen=True)
 class Notice:
     """A warning or note the user should see (stale map, turbo fragility, resume details)."""
 
@@ -56,7 +66,7 @@ class Notice:
     level: str = "warning"  # warning | info
 
 
-TrainEvent = Union[Started, Progress, CheckpointSaved, Notice, MapSummary]
+TrainEvent = Union[Started, Progress, CheckpointSaved, SamplesSaved, Notice, MapSummary]
 OnEvent = Callable[[TrainEvent], None]
 
 

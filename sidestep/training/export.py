@@ -32,7 +32,7 @@ from sidestep.training import saving
 from sidestep.training.adapters import AdapterPlan, peft_config
 from sidestep.training.config import AdapterKind
 
-__all__ = ["ExportFormat", "LoraAdapter", "ExportResult", "export_adapter", "read_lora", "DIFFUSERS_WEIGHT_NAME",
+__all__ = ["ExportFormat", "LoraAdapter", "ExportResult", "export_adapter", "read_lora", "adapter_source", "DIFFUSERS_WEIGHT_NAME",
            "COMFYUI_PREFIX", "DIFFUSERS_PREFIX"]
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -228,6 +228,11 @@ def _copy_peft_dir(src: Path, dest: Path) -> ExportResult:
 
 
 # ---- paths ---------------------------------------------------------------------------------------------
+
+
+def adapter_source(src: Path) -> Path:
+    """The adapter folder or file that `src` names (see `_adapter_source`); a CheckpointError if none."""
+    return _adapter_source(Path(src))
 
 
 def _adapter_source(src: Path) -> Path:

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -23,7 +23,7 @@ from sidestep.objective import TimestepSampler, apply_cfg_dropout, flow_matching
 from sidestep.training.config import OptimizerKind, SchedulerKind, TrainConfig
 from sidestep.training.events import OnEvent, Progress
 
-__all__ = ["LoopState", "LoopContext", "Optimization", "SampleOrder", "train_loop", "build_optimization",
+__all__ = ["LoopState", "LoopCallback", "LoopContext", "Optimization", "SampleOrder", "train_loop", "build_optimization",
            "lr_factor", "check_loss", "capture_rng", "restore_rng", "EMA_BETA"]
 
 EMA_BETA = 0.9
@@ -39,6 +39,15 @@ class LoopState:
     loss_ema: float | None = None
     rng: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
+
+
+class LoopCallback(Protocol):
+    """Work the loop hands off at step boundaries (samples, later metrics/validation). A callback must leave the
+    training state as it found it: the model's mode, the global RNG, the gradients."""
+
+    def on_train_start(self, state: LoopState) -> None: ...
+
+    def on_step_end(self, state: LoopState) -> None: ...
 
 
 @dataclass
@@ -117,6 +126,7 @@ class LoopContext:
     on_event: OnEvent = field(default=lambda event: None)
     # Several processes: averages the gradients of the params and the step loss over them (one all-reduce).
     sync: Callable[[list[torch.nn.Parameter], float], float] | None = None
+    callbacks: tuple[LoopCallback, ...] = ()
 
 
 def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
@@ -128,6 +138,8 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
         state.rng = capture_rng()
     model.train()
     try:
+        for callback in ctx.callbacks:
+            callback.on_train_start(state)
         while state.step < ctx.total_steps:
             # ---- forward/backward over grad_accum micro-batches; all randomness from (seed, micro index)
             step_loss = 0.0
@@ -182,6 +194,8 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
             rate = (state.step - start_step) / max(time.perf_counter() - started, 1e-9)
             ctx.on_event(Progress(state.step, ctx.total_steps, state.step * cfg.grad_accum / ctx.order.micro_per_epoch,
                                   step_loss, ema, opt.scheduler.get_last_lr()[0], rate))
+            for callback in ctx.callbacks:
+                callback.on_step_end(state)
     except KeyboardInterrupt:
         # ---- Ctrl-C: drop the half-accumulated step, save a resumable checkpoint, stop
         opt.optimizer.zero_grad(set_to_none=True)

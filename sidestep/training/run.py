@@ -26,6 +26,7 @@ from sidestep.training.grad_init import InitPlan, resolve_init
 from sidestep.training.loop import (LoopContext, LoopState, Optimization, SampleOrder, build_optimization, capture_rng,
                                     restore_rng, train_loop)
 from sidestep.training.parallel import effective_batch, resume_notice, seed_process_rng, sync_for
+from sidestep.training.sampling import SamplePlan, TrainingSampler, plan_samples
 
 __all__ = ["TrainOutcome", "train"]
 
@@ -89,8 +90,14 @@ def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: 
             on_event(CheckpointSaved(path, st.step, final))
         return path
 
+    # ---- audio samples at step 0 and every sample_every steps (process 0 only; the others go on to the next sync)
+    callbacks = ()
+    if pre.samples is not None and dist.is_main:
+        callbacks = (TrainingSampler(loaded.transformer, entry, choice.checkpoint_dir, runtime, loaded.variant,
+                                     pre.samples, total, config.output_dir, on_event),)
     ctx = LoopContext(loaded.transformer, order, opt, config, sampler, loaded.null_condition_emb, runtime, total,
-                      checkpoint, _advice(plan, loaded.variant.is_turbo), on_event=on_event, sync=sync_for(dist))
+                      checkpoint, _advice(plan, loaded.variant.is_turbo), on_event=on_event, sync=sync_for(dist),
+                      callbacks=callbacks)
     state = train_loop(ctx, state)
     if dist.is_main:
         saving.backup_final(config.output_dir)  # a resumed run that extends a finished one keeps the old as final.bak
@@ -106,6 +113,7 @@ class _Preflight:
     order: SampleOrder
     total: int
     init: InitPlan
+    samples: SamplePlan | None
 
 
 def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _Preflight:
@@ -133,12 +141,13 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _
         on_event(_map_summary(plan, entry.config))
     for message in plan.notices:
         on_event(Notice(message))
+    samples = plan_samples(config, entry, choice.checkpoint_dir, variant, scan.files)
     init = _resolve_init(config, plan, resumed, entry.config)
     if init.notice is not None:
         on_event(Notice(init.notice, init.level))
     continuing = resume_dir is not None and Path(config.output_dir).resolve() in resume_dir.resolve().parents
     distributed.run_on_main(lambda: saving.prepare_output(config.output_dir, continuing, config.overwrite))
-    return _Preflight(plan, resume_dir, resumed, order, total, init)
+    return _Preflight(plan, resume_dir, resumed, order, total, init, samples)
 
 
 def _resolve_init(config: TrainConfig, plan: AdapterPlan, resumed: dict[str, Any] | None,

@@ -73,7 +73,8 @@ def ask_preset(asker: Asker, answers: Answers, fields: Mapping[str, str] | Itera
     return picked
 
 
-def ask_model(asker: Asker, answers: Answers, key: str = "model") -> Any:
+def ask_model(asker: Asker, answers: Answers, key: str = "model",
+              question: str = "Which model? (the one you will train on; base is recommended)") -> Any:
     """Model selection from the checkpoint folder: official and fine-tunes labelled; returns a ModelChoice."""
     from sidestep.models import discover_models
     from sidestep.models.select import choose_model
@@ -89,7 +90,7 @@ def ask_model(asker: Asker, answers: Answers, key: str = "model") -> Any:
     default = previous.entry.name if previous is not None else _settings_model_name(root, entries)
     by_name = {e.name: e for e in entries}
     options = [Option(o.label, o.value.name, o.hint) for o in map(model_option, entries)]
-    name = asker.choice("Which model? (the one you will train on; base is recommended)", options,
+    name = asker.choice(question, options,
                         default=default if default in by_name else None)
     entry = by_name[name]
     base_variant = None

@@ -14,7 +14,7 @@ __all__ = ["MENU", "NOT_A_TERMINAL", "run_wizard"]
 
 NOT_A_TERMINAL = (
     "The wizard needs an interactive terminal (stdin is not a TTY); use the commands instead: "
-    "sidestep preprocess, sidestep analyze, sidestep train, sidestep settings (see sidestep --help)."
+    "sidestep preprocess, sidestep analyze, sidestep train, sidestep generate, sidestep settings (see sidestep --help)."
 )
 
 MENU = [
@@ -22,6 +22,7 @@ MENU = [
     Option("Preprocessing++ (auto-targeting + adaptive ranks)", "analysis",
            "measure which modules react to your data; writes fisher_map.json"),
     Option("Train", "train", "train a LoRA adapter (uses fisher_map.json when present)"),
+    Option("Generate", "generate", "render audio from a prompt, with the base model or a trained adapter"),
     Option("Settings", "settings", "checkpoint folder, default model, device"),
     Option("Presets", "presets", "show, save or delete named defaults"),
     Option("Quit", "quit"),
@@ -68,6 +69,7 @@ _FLOWS = {
     "preprocess": ("sidestep.wizard.preprocess_flow", "preprocess_flow"),
     "analysis": ("sidestep.wizard.analysis_flow", "analysis_flow"),
     "train": ("sidestep.wizard.train_flow", "train_flow"),
+    "generate": ("sidestep.wizard.generate_flow", "generate_flow"),
     "settings": ("sidestep.wizard.settings_flow", "settings_flow"),
     "presets": ("sidestep.wizard.presets_flow", "presets_flow"),
 }

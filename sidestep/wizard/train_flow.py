@@ -33,7 +33,7 @@ ADVANCED_FIELDS = (
     "cfg_dropout", "timestep_mode", "save_every", "seed", "spike_factor",
 )
 _CONFIG_FIELDS = set(ADVANCED_FIELDS) | {"dataset_dir", "output_dir", "ignore_fisher_map", "resume", "overwrite",
-                                         "init"}
+                                         "init", "sample_every", "sample_prompts"}
 _PRESET_TRAIN_FIELDS = [name for name in PRESET_FIELDS if name in _CONFIG_FIELDS or name == "gradient_checkpointing"]
 _BOUNDS: Mapping[str, dict[str, Any]] = {"rank": {"lo": 1, "hi": 4096}, "epochs": {"lo": 1},
                                          "batch_size": {"lo": 1}, "grad_accum": {"lo": 1}}
@@ -65,6 +65,8 @@ def _steps() -> list[Step]:
     ]
     for name in ADVANCED_FIELDS:
         steps.append(Step(name, _field_question(name), when=_asked_when(name)))
+    steps.append(Step("sample_every", _ask_sample_every))
+    steps.append(Step("sample_prompts", _ask_sample_prompts, when=lambda ans: bool(ans.get("sample_every"))))
     steps.append(Step("init", _ask_init, when=_offers_init))
     steps.append(Step("gradient_checkpointing", _ask_gc, when=lambda ans: ans.get("mode") == "advanced"))
     steps.append(Step("go", _confirm))
@@ -196,6 +198,28 @@ def _field_question(name: str):
     return ask
 
 
+def _ask_sample_every(asker: Asker, answers: Answers) -> int:
+    return asker.integer("Listen while training: render audio samples every N steps (0 = no samples)",
+                         default=answers.get("sample_every", 0), lo=0)
+
+
+def _ask_sample_prompts(asker: Asker, answers: Answers) -> Path | None:
+    from sidestep.generation import read_prompts
+
+    def check(raw: str) -> str | None:
+        try:
+            if raw.strip():
+                read_prompts(Path(raw.strip()).expanduser())
+        except SidestepError as err:
+            return str(err)
+        return None
+
+    previous = answers.get("sample_prompts")
+    raw = asker.text("Sample prompts file (TOML or JSON; empty = a caption from the dataset)",
+                     default="" if previous is None else str(previous), validate=check)
+    return Path(raw).expanduser() if raw.strip() else None
+
+
 def _ask_gc(asker: Asker, answers: Answers) -> bool:
     default = _gradient_checkpointing(answers)
     if default is None:  # auto, as the CLI resolves it: on for GPUs, off on the CPU
@@ -238,6 +262,9 @@ def _summary(config: TrainConfig, answers: Answers) -> Table:
     table.add_row("Length", f"{config.epochs} epochs{length}")
     table.add_row("Batch", f"{config.batch_size} × {config.grad_accum} accumulation")
     table.add_row("Output", str(config.output_dir))
+    if config.sample_every:
+        prompts = config.sample_prompts or "a caption from the dataset"
+        table.add_row("Samples", f"every {config.sample_every} steps, from {prompts}, in {config.output_dir / 'samples'}")
     return table
 
 
