@@ -38,10 +38,8 @@ def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
 
     records = [json.loads(line) for line in lines[:-1]]
     assert json.loads(lines[-1])["summary"] is True
-    expected = [a for a in ARM_ORDER if a not in summary["skipped"]]
-    assert [r["arm"] for r in records] == expected
     assert summary["skipped"] == {}  # the gradient-init arms run too, now that --init gradient exists
-    assert all(why.startswith("skipped:") for why in summary["skipped"].values())
+    assert [r["arm"] for r in records] == list(ARM_ORDER)  # every arm, in the table's order
 
     flat = next(r for r in records if r["arm"] == "flat")
     for rec in records:

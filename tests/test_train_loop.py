@@ -173,11 +173,13 @@ def test_batch_2_times_accumulation_2_trains_like_batch_4_with_crops(tiny, tmp_p
     assert shapes == [(4, 10)] * 2
     a, b = _losses(split), _losses(whole)
     assert sorted(a) == sorted(b) == [1, 2]
-    assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a), (a, b)
+    assert all(a[s] == pytest.approx(b[s], rel=1e-6) for s in a), (a, b)  # measured ~4e-8 (float rounding)
     wa, wb = _weights(tmp_path / "split" / "final"), _weights(tmp_path / "whole" / "final")
     assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
+    # Norm-wise: Adam can blow single near-zero-gradient entries' rounding up; the whole adapter stays equal
+    # (measured ~4e-8; keeping only the last micro-batch's gradient gives ~2e-2).
+    diff = sum(float((wa[k] - wb[k]).norm()) ** 2 for k in wa) ** 0.5
+    assert diff < 1e-5 * sum(float(wa[k].norm()) ** 2 for k in wa) ** 0.5
 
 
 def test_sample_order_is_seeded_epoch_wise_and_shardable(tiny):
