@@ -1,4 +1,4 @@
-"""`--init gradient` (algorithm.md §7): the init file analysis writes, and LoRA A started from it in training."""
+"""`--init gradient` (docs/algorithm.md §7): the init file analysis writes, and LoRA A started from it in training."""
 
 from __future__ import annotations
 
@@ -323,6 +323,7 @@ def test_lokr_and_loha_refuse_gradient_init(tmp_path, kind):
         attach_adapter(torch.nn.Module(), plan, InitPlan(InitMode.GRADIENT, bases={}))
 
 
+@pytest.mark.slow
 def test_gradient_vs_default_training_loss(tiny, tmp_path):
     """Same data, seed and lr; report both loss curves. Only robust properties are asserted."""
     choice, dataset, _, _ = tiny

@@ -1,7 +1,7 @@
 """The Fisher engine: ONE forward+backward per analysed batch for every target module together.
 
 Each target weight gets a post-accumulate-grad hook that folds its gradient into per-module device
-accumulators and frees it at once, so only one or two weight gradients exist at any moment (algorithm.md §1).
+accumulators and frees it at once, so only one or two weight gradients exist at any moment (docs/algorithm.md §1).
 Per module m and batch i, with G = dL_i/dW_m (out × in):
   - sq[m]  += ||G||_F^2                      (Fisher score F_m = sq[m] / (numel · batches))
   - Z[m]   += Gᵀ Ψ                           (input-side sketch, in × k; Ψ seeded Gaussian out × k scaled 1/√k)

@@ -1,4 +1,4 @@
-"""fisher_map.json: the map Preprocessing++ writes and training reads (schema: spec/fisher-map.md).
+"""fisher_map.json: the map Preprocessing++ writes and training reads (schema: docs/fisher-map.md).
 
 Inside sidestep every module name is the ORIGINAL ACE-Step name without `decoder.`; on disk only
 `modules[].name` carries the prefix, as the reference (Side-Step, version 2) writes it. Readers accept
@@ -103,7 +103,7 @@ class InitRef:
 
 @dataclass(frozen=True)
 class FisherMap:
-    """Everything fisher_map.json holds; field meanings are in spec/fisher-map.md.
+    """Everything fisher_map.json holds; field meanings are in docs/fisher-map.md.
 
     `rank_budget {min, max}` on disk is `rank_min`/`rank_max` here; `target_modules` is derived from
     `rank_pattern`. Fields a map may lack (reference or older maps) are None, 0 or empty.

@@ -1,4 +1,4 @@
-"""Post-processing of the analysis statistics into per-module signals (algorithm.md §2).
+"""Post-processing of the analysis statistics into per-module signals (docs/algorithm.md §2).
 
 - data rank: how many directions the data pushes a module in, from the singular values of its gradient sketch;
 - weight effective rank: the reference's data-independent spectral factor, from the pretrained weight;
@@ -22,7 +22,7 @@ __all__ = [
     "weight_effective_rank",
 ]
 
-DATA_RANK_ENERGY = 0.9  # rho of algorithm.md §2
+DATA_RANK_ENERGY = 0.9  # rho of docs/algorithm.md §2
 WEIGHT_RANK_ENERGY = 0.95  # the reference's spectral factor
 LOW_CONFIDENCE_RATIO = 0.5
 

@@ -224,7 +224,7 @@ def scan_dataset(folder: Path, spec: DatasetSpec = DatasetSpec(), skip_bad: bool
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
-    """Stack samples; unequal lengths are right-padded with zeros (batch size 1 is exact, see acestep-model.md)."""
+    """Stack samples; unequal lengths are right-padded with zeros (batch size 1 is exact, see docs/checkpoints.md)."""
     t_max = max(s.length for s in samples)
     l_max = max(int(s.encoder_hidden_states.shape[0]) for s in samples)
 

@@ -19,7 +19,7 @@ __all__ = [
 DECODER_PREFIX = "decoder."
 NULL_CONDITION_KEY = "null_condition_emb"
 
-# Fragment renames, checked against diffusers' converter and a key-for-key parity run (acestep-facts §2.2).
+# Fragment renames, checked against diffusers' converter and a key-for-key parity run (docs/checkpoints.md).
 # Each fragment is matched with surrounding dots so `o_proj` never hits `proj_out`.
 _FRAGMENTS: tuple[tuple[str, str], ...] = (
     (".q_proj.", ".to_q."),

@@ -9,7 +9,7 @@ from sidestep.errors import ConfigError
 
 __all__ = ["Variant", "VARIANTS", "variant_defaults", "folder_for", "variant_from_folder", "with_config"]
 
-# Turbo 8-step schedule at shift 3 (acestep-model.md); t = 1 is pure noise.
+# Turbo 8-step schedule at shift 3 (docs/checkpoints.md, Variants); t = 1 is pure noise.
 TURBO_SHIFT3_TIMESTEPS: tuple[float, ...] = (1.0, 0.9545454545, 0.9, 0.8333333333, 0.75, 0.6428571429, 0.5, 0.3)
 
 

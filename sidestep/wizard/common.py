@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 NO_PRESET = "(none: use the defaults)"
-FRAMES_PER_SECOND = 25  # ACE-Step latents (acestep-model.md)
+FRAMES_PER_SECOND = 25  # ACE-Step latents (docs/checkpoints.md)
 Answers = MutableMapping[str, Any]
 
 
