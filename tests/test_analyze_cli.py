@@ -160,6 +160,7 @@ def test_allow_turbo_runs_with_warning(monkeypatch, capsys, dataset_dir, tmp_pat
     assert json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))["model_variant"] == "turbo"
 
 
+@pytest.mark.slow
 def test_real_process_bad_focus_exits_1_without_traceback(checkpoint_root, dataset_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDESTEP_")}
     env["SIDESTEP_CONFIG_DIR"] = str(tmp_path / "config")

@@ -59,6 +59,7 @@ def _eval_loss(choice, dataset, adapter_dir=None) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_loss_decreases_over_30_steps(tiny, tmp_path):
     choice, dataset = tiny
     events = []
@@ -73,6 +74,7 @@ def test_loss_decreases_over_30_steps(tiny, tmp_path):
     assert after < 0.97 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny, tmp_path):
     choice, dataset = tiny
     full_events, resumed_events = [], []
@@ -89,6 +91,7 @@ def test_resume_continues_exactly(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny, tmp_path):
     choice, dataset = tiny
 
@@ -109,6 +112,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
     choice, dataset = tiny
     calls = {"n": 0}
@@ -139,6 +143,7 @@ def test_finished_adapter_is_never_silently_replaced(tiny, tmp_path):
     assert all(torch.equal(old[k], kept[k]) for k in old)
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_keeps_the_old_final(tiny, tmp_path):
     choice, dataset = tiny
     train(_config(dataset, tmp_path / "out", max_steps=2), choice, RUNTIME)

@@ -19,12 +19,16 @@ from sidestep.errors import MapError
 from sidestep.fileio import backup_existing, write_json_atomic
 
 __all__ = [
-    "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
+    "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
 MAP_VERSION = 3
+# The learning rate advised for training with a map (it adapts strongly, and turbo models are fragile with one).
+ADVISED_LR = "5e-5"
+LR_ADVICE = ("Preprocessing++ adapts strongly and can overfit sooner: train with a lower learning rate "
+             f"(e.g. --lr {ADVISED_LR} instead of 1e-4) and check samples early.")
 _FIX = "delete it or pass --ignore-fisher-map"
 
 
