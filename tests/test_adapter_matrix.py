@@ -61,21 +61,36 @@ def tiny(tmp_path_factory):
     return tiny_setup(tmp_path_factory.mktemp("matrix"), num_layers=LAYERS, samples=2)
 
 
+def _base(case: Case) -> dict:
+    return dict(rank=4, alpha=8, adapter=case.kind, target_modules=TARGETS, lr=5e-3, warmup_steps=0, max_steps=4,
+                seed=3, dropout=0.1)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
-    """Per kind: a 4-step run with a checkpoint after epoch 1 (2 samples), and that run resumed from it."""
+    """Per kind: a 4-step run with a resumable checkpoint after epoch 1 (2 samples)."""
     choice, dataset = tiny
     out = {}
     for case in CASES:
         root = tmp_path_factory.mktemp(case.kind.value)
-        base = dict(rank=4, alpha=8, adapter=case.kind, target_modules=TARGETS, lr=5e-3, warmup_steps=0,
-                    max_steps=4, seed=3, dropout=0.1)
-        full: list = []
-        train(TrainConfig(dataset, root / "full", save_every=1, **base), choice, RUNTIME, full.append)
-        checkpoint = next(e.path for e in full if isinstance(e, CheckpointSaved) and not e.final)
-        resumed: list = []
-        train(TrainConfig(dataset, root / "resumed", resume=str(checkpoint), **base), choice, RUNTIME, resumed.append)
-        out[case.kind] = (root, full, resumed)
+        events: list = []
+        train(TrainConfig(dataset, root / "full", save_every=1, **_base(case)), choice, RUNTIME, events.append)
+        out[case.kind] = (root, events)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny, runs):
+    """Per kind: the run above resumed from its checkpoint into a second folder."""
+    choice, dataset = tiny
+    out = {}
+    for case in CASES:
+        root, events = runs[case.kind]
+        checkpoint = next(e.path for e in events if isinstance(e, CheckpointSaved) and not e.final)
+        again: list = []
+        train(TrainConfig(dataset, root / "resumed", resume=str(checkpoint), **_base(case)), choice, RUNTIME,
+              again.append)
+        out[case.kind] = again
     return out
 
 
@@ -96,7 +111,7 @@ def test_attach_trains_only_the_adapter_on_every_target(tmp_path, case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_train_changes_the_output_with_finite_losses(tiny, runs, case):
     choice, _ = tiny
-    root, full, _ = runs[case.kind]
+    root, full = runs[case.kind]
     losses = [e.loss for e in full if isinstance(e, Progress)]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     model = load_model(choice.entry, RUNTIME).transformer
@@ -110,7 +125,7 @@ def test_train_changes_the_output_with_finite_losses(tiny, runs, case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_save_writes_the_ace_step_layout_that_peft_loads(tiny, runs, case):
     choice, _ = tiny
-    root, _, _ = runs[case.kind]
+    root, _ = runs[case.kind]
     files = saving.read_adapter_dir(root / "full" / "final")
     assert files.config["peft_type"] == case.peft_type and files.config["task_type"] == "FEATURE_EXTRACTION"
     assert bool(files.config.get("use_dora")) is (case.kind is AdapterKind.DORA)
@@ -129,11 +144,12 @@ def test_save_writes_the_ace_step_layout_that_peft_loads(tiny, runs, case):
     assert torch.allclose(forward(decoder.eval()), forward(ours.eval()), atol=1e-5)  # eval: no adapter dropout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_resume_continues_exactly(runs, case):
-    root, full, resumed = runs[case.kind]
+def test_resume_continues_exactly(runs, resumed, case):
+    root, full = runs[case.kind]
     whole = {e.step: e.loss for e in full if isinstance(e, Progress)}
-    rest = {e.step: e.loss for e in resumed if isinstance(e, Progress)}
+    rest = {e.step: e.loss for e in resumed[case.kind] if isinstance(e, Progress)}
     assert sorted(rest) == [3, 4] and all(rest[s] == whole[s] for s in rest)
     a = saving.read_adapter_dir(root / "full" / "final").tensors
     b = saving.read_adapter_dir(root / "resumed" / "final").tensors
@@ -142,7 +158,7 @@ def test_resume_continues_exactly(runs, case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_export_converts_or_refuses_in_one_sentence(runs, tmp_path, case):
-    root, _, _ = runs[case.kind]
+    root, _ = runs[case.kind]
     final = root / "full" / "final"
     assert export_adapter(final, tmp_path / "peft", "peft").modules == 7 * LAYERS  # every kind copies as peft
     for fmt in ("comfyui", "diffusers"):

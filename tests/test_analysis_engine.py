@@ -251,6 +251,7 @@ def test_map_required_keys_types_and_contract(analysed):
     assert read_map(outcome.path).rank_pattern == data["rank_pattern"]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_map_and_bak_is_kept(loaded, entry, analysed, tmp_path):
     dataset_dir = tmp_path / "dataset"
     shutil.copytree(analysed.folder, dataset_dir)  # with the shared analysis's map in it
@@ -276,7 +277,8 @@ def test_flat_budget_spends_the_flat_parameter_count(loaded, entry, dataset_dir)
     assert all(4 <= r <= 16 and r % fmap.rank_step == 0 for r in fmap.rank_pattern.values())
 
 
-@pytest.mark.parametrize("signal", list(RankSignal))
+@pytest.mark.parametrize("signal", [pytest.param(s, marks=[] if s is RankSignal.DATA else pytest.mark.slow)
+                                    for s in RankSignal], ids=[s.value for s in RankSignal])
 def test_every_rank_signal_keeps_the_median(loaded, entry, dataset_dir, signal):
     outcome = _analyze(dataset_dir, entry, loaded, rank_signal=signal.value, confirm=lambda _m: False)
     assert outcome.path is None and not (dataset_dir / "fisher_map.json").exists()
@@ -284,6 +286,7 @@ def test_every_rank_signal_keeps_the_median(loaded, entry, dataset_dir, signal):
     assert outcome.map.rank_signal == signal.value
 
 
+@pytest.mark.slow
 def test_custom_focus_is_recorded_and_bad_focus_is_one_sentence(loaded, entry, dataset_dir):
     outcome = _analyze(dataset_dir, entry, loaded, timestep_focus="0.2,0.7", confirm=lambda _m: False)
     assert outcome.map.timestep_focus == "0.2,0.7" and outcome.map.timestep_range == (0.2, 0.7)
@@ -318,6 +321,7 @@ def test_turbo_needs_explicit_opt_in(tmp_path, dataset_dir):
     assert outcome.map.model_variant == "turbo" and "5e-5" in seen[0]
 
 
+@pytest.mark.slow
 def test_small_dataset_warns(loaded, entry, dataset_dir):
     for path in sorted(dataset_dir.glob("*.pt"))[3:]:
         path.unlink()

@@ -54,6 +54,7 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert "5e-5" in err  # the learning-rate advice
 
 
+@pytest.mark.slow
 def test_prompt_yes_saves_and_prompt_no_writes_nothing(monkeypatch, capsys, checkpoint_root, dataset_dir):
     code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, stdin=_Tty("n\n"))
     assert code == 0 and "Save fisher_map.json?" in err and "nothing was written" in err
@@ -66,6 +67,7 @@ def test_prompt_yes_saves_and_prompt_no_writes_nothing(monkeypatch, capsys, chec
     assert data["timestep_range"] == [0.0, 0.4]
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_bak(monkeypatch, capsys, checkpoint_root, dataset_dir):
     (dataset_dir / "fisher_map.json").write_text('{"old": true}\n', encoding="utf-8")
     code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes")
@@ -152,6 +154,7 @@ def test_missing_dataset_dir_flag(monkeypatch, capsys, checkpoint_root):
     assert code == 1 and "--dataset-dir is required" in err
 
 
+@pytest.mark.slow
 def test_allow_turbo_runs_with_warning(monkeypatch, capsys, dataset_dir, tmp_path):
     code, _, err = _main(monkeypatch, capsys, "analyze", "--dataset-dir", str(dataset_dir), "--checkpoint-dir",
                          str(_turbo_root(tmp_path)), "--model", "turbo", "--allow-turbo", "--yes", *FAST)

@@ -356,6 +356,7 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_cli_json_force_and_exit_codes(monkeypatch, capsys, tmp_path, root):
     audio, out = tmp_path / "audio", tmp_path / "out"
     write_audio_clips(audio, [("z.wav", "sweep", 0.2, 48000, 2)], seed=4)

@@ -132,6 +132,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypat
     assert not (tmp_path / "out" / "checkpoints" / "step-5").exists()
 
 
+@pytest.mark.slow
 def test_finished_adapter_is_never_silently_replaced(tiny, tmp_path):
     choice, dataset = tiny
     train(_config(dataset, tmp_path / "out", max_steps=1), choice, RUNTIME)

@@ -334,6 +334,7 @@ def test_train_advanced_asks_every_field_and_back_keeps_answers(configured, data
     assert ranks == [64, 32]
 
 
+@pytest.mark.slow
 def test_train_flow_really_trains(configured, dataset_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SIDESTEP_DEVICE", "cpu")
     for extra in sorted(dataset_dir.glob("*.pt"))[2:]:
