@@ -13,7 +13,7 @@ from sidestep.data import dataset_hash
 from sidestep.errors import ConfigError, MapError
 from sidestep.models.convert import diffusers_to_original
 from sidestep.testing.tiny import build_tiny_transformer, tiny_config, write_dataset
-from sidestep.training.adapters import attach_adapter, flat_plan, module_shapes, plan_adapter, resolve_targets, summarize
+from sidestep.training.adapters import attach_adapter, module_shapes, plan_adapter, resolve_targets, summarize
 from sidestep.training.config import TrainConfig
 
 
