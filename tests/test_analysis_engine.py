@@ -267,6 +267,7 @@ def test_same_seed_gives_identical_map_and_bak_is_kept(loaded, entry, analysed, 
     assert other.report_png == dataset_dir / "other.png"
 
 
+@pytest.mark.slow
 def test_flat_budget_spends_the_flat_parameter_count(loaded, entry, dataset_dir):
     outcome = _analyze(dataset_dir, entry, loaded, budget="flat")
     fmap, result = outcome.map, outcome.result
