@@ -278,8 +278,8 @@ def test_flat_budget_spends_the_flat_parameter_count(loaded, entry, dataset_dir)
     assert all(4 <= r <= 16 and r % fmap.rank_step == 0 for r in fmap.rank_pattern.values())
 
 
-@pytest.mark.parametrize("signal", [pytest.param(s, marks=[] if s is RankSignal.DATA else pytest.mark.slow)
-                                    for s in RankSignal], ids=[s.value for s in RankSignal])
+@pytest.mark.slow  # the default signal's map is already checked on the shared analysis
+@pytest.mark.parametrize("signal", list(RankSignal), ids=[s.value for s in RankSignal])
 def test_every_rank_signal_keeps_the_median(loaded, entry, dataset_dir, signal):
     outcome = _analyze(dataset_dir, entry, loaded, rank_signal=signal.value, confirm=lambda _m: False)
     assert outcome.path is None and not (dataset_dir / "fisher_map.json").exists()
