@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13.0 installs from local disk on our dev/CI machines; GPU users: see README.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 bench: venv
 	$(PY) bench/analysis.py

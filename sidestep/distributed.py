@@ -5,6 +5,10 @@ a no-op. With several processes the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, 
 `session()` joins the group (NCCL for CUDA tensors, gloo for CPU tensors and pickled objects) with a bounded
 timeout (SIDESTEP_DIST_TIMEOUT seconds, default 600), so a dead peer or a stalled collective ends in one
 `DistributedError` sentence instead of a hang. torch is imported lazily so `sidestep --help` stays fast.
+
+Our own and not accelerate's `PartialState`: only a few collectives are needed, each must end in one sentence
+within a bounded timeout, and precision and devices are already sidestep's; `accelerate launch` still works
+as a launcher (it sets the same environment), so accelerate is not a dependency.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ velocity noise − x0 and is called with timestep = timestep_r = t.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -111,16 +112,21 @@ def noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def apply_cfg_dropout(encoder_hidden_states: torch.Tensor, null_embedding: torch.Tensor | None,
-                      probability: float, generator: torch.Generator) -> torch.Tensor:
+                      probability: float, generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
     """Replace each sample's whole condition by the learned null embedding with `probability`.
 
     Args:
         encoder_hidden_states (`Tensor` of shape `(batch, L, D)`): the stored condition.
         null_embedding (`Tensor` of shape `(1, 1, D)`): the checkpoint's `null_condition_emb`.
+        generator: one generator for the batch, or one per sample (each draws that sample's coin).
     """
     if probability <= 0.0 or null_embedding is None:
         return encoder_hidden_states
-    drop = torch.rand(encoder_hidden_states.shape[0], generator=generator) < probability
+    if isinstance(generator, torch.Generator):
+        coins = torch.rand(encoder_hidden_states.shape[0], generator=generator)
+    else:
+        coins = torch.cat([torch.rand(1, generator=g) for g in generator])
+    drop = coins < probability
     if not drop.any():
         return encoder_hidden_states
     drop = drop.to(encoder_hidden_states.device).view(-1, 1, 1)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,28 @@ def entry(checkpoint_root):
 @pytest.fixture(scope="module")
 def loaded(entry):
     return load_model(entry, resolve_runtime("cpu", "fp32", False))
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """One analysis of the 6-sample dataset with the SMALL settings, shared by the tests of this module."""
+
+    folder: Path
+    outcome: object
+    forward_calls: int
+
+
+@pytest.fixture(scope="module")
+def analysed(entry, loaded, _dataset_template, tmp_path_factory) -> Analysed:
+    folder = tmp_path_factory.mktemp("analysed") / "dataset"
+    shutil.copytree(_dataset_template, folder)
+    calls = []
+    handle = loaded.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        outcome = _analyze(folder, entry, loaded, keep_sketches=True)
+    finally:
+        handle.remove()
+    return Analysed(folder, outcome, len(calls))
 
 
 def _batches(loaded, files, count, seed=0):
@@ -113,32 +137,25 @@ def test_cuda_engine_matches_plain_grad_and_analysis_runs(entry, dataset_dir, pr
     assert all(m.fisher > 0 for m in outcome.result.modules)
 
 
-def test_one_forward_and_backward_per_batch_and_state_restored(loaded, dataset_dir):
-    calls = []
-    handle = loaded.transformer.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        config = AnalysisConfig(dataset_dir=dataset_dir, **SMALL)
-        result = run_analysis(config, loaded, sorted(dataset_dir.glob("*.pt")))
-    finally:
-        handle.remove()
-    assert result.total_batches == 8 and len(calls) == 8
+def test_one_forward_and_backward_per_batch_and_state_restored(loaded, analysed):
+    assert analysed.outcome.result.total_batches == 8 and analysed.forward_calls == 8
     assert not any(p.requires_grad for p in loaded.transformer.parameters())
     assert all(p.grad is None for p in loaded.transformer.parameters())
     assert not any(p._post_accumulate_grad_hooks for p in loaded.transformer.parameters())
 
 
-def test_result_holds_every_module_with_signals(loaded, dataset_dir):
-    config = AnalysisConfig(dataset_dir=dataset_dir, keep_sketches=True, **SMALL)
-    result = run_analysis(config, loaded, sorted(dataset_dir.glob("*.pt")))
+def test_result_holds_every_module_with_signals(loaded, analysed):
+    result = analysed.outcome.result
+    sketch_k = AnalysisConfig(dataset_dir=analysed.folder, **SMALL).sketch_k
     assert [m.name for m in result.modules] == targetable_modules(loaded.num_layers)
     assert all(m.fisher > 0 and m.fisher_std >= 0 for m in result.modules)
-    assert all(1 <= m.data_rank <= min(config.sketch_k, m.in_features, m.out_features) for m in result.modules)
+    assert all(1 <= m.data_rank <= min(sketch_k, m.in_features, m.out_features) for m in result.modules)
     assert all(m.weight_rank is not None and 1 <= m.weight_rank <= min(m.in_features, m.out_features)
                for m in result.modules)
     assert len(result.runs) == 2 and all(r.batches == 4 and len(r.files) == 4 for r in result.runs)
     assert result.cross_run_spearman is not None and -1 <= result.cross_run_spearman <= 1
     z = result.sketches["layers.0.mlp.down_proj"]
-    assert z.shape == (128, min(config.sketch_k, 64)) and z.device.type == "cpu"
+    assert z.shape == (128, min(sketch_k, 64)) and z.device.type == "cpu"
 
 
 def test_should_stop_raises_interrupted_and_restores_model(loaded, dataset_dir):
@@ -195,8 +212,8 @@ def test_energy_rank_and_weight_effective_rank():
 # ---- the map ---------------------------------------------------------------------------------------
 
 
-def test_map_required_keys_types_and_contract(loaded, entry, dataset_dir):
-    outcome = _analyze(dataset_dir, entry, loaded)
+def test_map_required_keys_types_and_contract(analysed):
+    outcome, dataset_dir = analysed.outcome, analysed.folder
     assert outcome.path == dataset_dir / "fisher_map.json" and (dataset_dir / "fisher_map.png").is_file()
     data = json.loads(outcome.path.read_text(encoding="utf-8"))
     types = {
@@ -234,10 +251,12 @@ def test_map_required_keys_types_and_contract(loaded, entry, dataset_dir):
     assert read_map(outcome.path).rank_pattern == data["rank_pattern"]
 
 
-def test_same_seed_gives_identical_map_and_bak_is_kept(loaded, entry, dataset_dir):
-    first = _analyze(dataset_dir, entry, loaded)
-    text1 = first.path.read_text(encoding="utf-8")
-    second = _analyze(dataset_dir, entry, loaded)
+@pytest.mark.slow
+def test_same_seed_gives_identical_map_and_bak_is_kept(loaded, entry, analysed, tmp_path):
+    dataset_dir = tmp_path / "dataset"
+    shutil.copytree(analysed.folder, dataset_dir)  # with the shared analysis's map in it
+    text1 = (dataset_dir / "fisher_map.json").read_text(encoding="utf-8")
+    second = _analyze(dataset_dir, entry, loaded, keep_sketches=True)
     assert second.backup == dataset_dir / "fisher_map.json.bak"
     assert second.backup.read_text(encoding="utf-8") == text1
     a, b = json.loads(text1), json.loads(second.path.read_text(encoding="utf-8"))
@@ -248,6 +267,7 @@ def test_same_seed_gives_identical_map_and_bak_is_kept(loaded, entry, dataset_di
     assert other.report_png == dataset_dir / "other.png"
 
 
+@pytest.mark.slow
 def test_flat_budget_spends_the_flat_parameter_count(loaded, entry, dataset_dir):
     outcome = _analyze(dataset_dir, entry, loaded, budget="flat")
     fmap, result = outcome.map, outcome.result
@@ -258,7 +278,8 @@ def test_flat_budget_spends_the_flat_parameter_count(loaded, entry, dataset_dir)
     assert all(4 <= r <= 16 and r % fmap.rank_step == 0 for r in fmap.rank_pattern.values())
 
 
-@pytest.mark.parametrize("signal", list(RankSignal))
+@pytest.mark.slow  # the default signal's map is already checked on the shared analysis
+@pytest.mark.parametrize("signal", list(RankSignal), ids=[s.value for s in RankSignal])
 def test_every_rank_signal_keeps_the_median(loaded, entry, dataset_dir, signal):
     outcome = _analyze(dataset_dir, entry, loaded, rank_signal=signal.value, confirm=lambda _m: False)
     assert outcome.path is None and not (dataset_dir / "fisher_map.json").exists()
@@ -266,6 +287,7 @@ def test_every_rank_signal_keeps_the_median(loaded, entry, dataset_dir, signal):
     assert outcome.map.rank_signal == signal.value
 
 
+@pytest.mark.slow
 def test_custom_focus_is_recorded_and_bad_focus_is_one_sentence(loaded, entry, dataset_dir):
     outcome = _analyze(dataset_dir, entry, loaded, timestep_focus="0.2,0.7", confirm=lambda _m: False)
     assert outcome.map.timestep_focus == "0.2,0.7" and outcome.map.timestep_range == (0.2, 0.7)
@@ -300,6 +322,7 @@ def test_turbo_needs_explicit_opt_in(tmp_path, dataset_dir):
     assert outcome.map.model_variant == "turbo" and "5e-5" in seen[0]
 
 
+@pytest.mark.slow
 def test_small_dataset_warns(loaded, entry, dataset_dir):
     for path in sorted(dataset_dir.glob("*.pt"))[3:]:
         path.unlink()

@@ -78,6 +78,7 @@ def test_need_signal_water_fills_the_flat_budget(monkeypatch, capsys, checkpoint
         assert min(per[n] for n in adapted) >= min(per[n] for n in data["excluded_modules"])
 
 
+@pytest.mark.slow
 def test_prompt_yes_saves_and_prompt_no_writes_nothing(monkeypatch, capsys, checkpoint_root, dataset_dir):
     code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, stdin=_Tty("n\n"))
     assert code == 0 and "Save fisher_map.json?" in err and "nothing was written" in err
@@ -90,6 +91,7 @@ def test_prompt_yes_saves_and_prompt_no_writes_nothing(monkeypatch, capsys, chec
     assert data["timestep_range"] == [0.0, 0.4]
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_bak(monkeypatch, capsys, checkpoint_root, dataset_dir):
     (dataset_dir / "fisher_map.json").write_text('{"old": true}\n', encoding="utf-8")
     code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes")
@@ -176,6 +178,7 @@ def test_missing_dataset_dir_flag(monkeypatch, capsys, checkpoint_root):
     assert code == 1 and "--dataset-dir is required" in err
 
 
+@pytest.mark.slow
 def test_allow_turbo_runs_with_warning(monkeypatch, capsys, dataset_dir, tmp_path):
     code, _, err = _main(monkeypatch, capsys, "analyze", "--dataset-dir", str(dataset_dir), "--checkpoint-dir",
                          str(_turbo_root(tmp_path)), "--model", "turbo", "--allow-turbo", "--yes", *FAST)
@@ -184,6 +187,7 @@ def test_allow_turbo_runs_with_warning(monkeypatch, capsys, dataset_dir, tmp_pat
     assert json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))["model_variant"] == "turbo"
 
 
+@pytest.mark.slow
 def test_real_process_bad_focus_exits_1_without_traceback(checkpoint_root, dataset_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDESTEP_")}
     env["SIDESTEP_CONFIG_DIR"] = str(tmp_path / "config")

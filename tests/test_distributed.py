@@ -113,6 +113,7 @@ def _only_rank0_wrote(streams, events) -> None:
 # ---- train ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_two_processes_equal_one_with_grad_accum_and_resume_on_one(tiny, tmp_path):
     choice, dataset, _ = tiny
     out2 = tmp_path / "two"
@@ -163,6 +164,7 @@ def _losses(events) -> dict[int, float]:
 # ---- analyze ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
     choice, dataset, _ = tiny
     two = tmp_path / "two.json"
@@ -188,6 +190,7 @@ def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
 # ---- preprocess -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_preprocess_two_processes_write_each_file_once(tiny, tmp_path):
     choice, _, _ = tiny
     audio = tmp_path / "audio"
@@ -215,6 +218,7 @@ def test_preprocess_two_processes_write_each_file_once(tiny, tmp_path):
 # ---- failure ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_process_stops_the_other_within_the_timeout(tiny, tmp_path):
     """Launched without torchrun (whose agent would kill the survivor itself), so sidestep's own path is tested."""
     choice, dataset, site = tiny

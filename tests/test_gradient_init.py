@@ -1,4 +1,4 @@
-"""`--init gradient` (algorithm.md §7): the init file analysis writes, and LoRA A started from it in training."""
+"""`--init gradient` (docs/algorithm.md §7): the init file analysis writes, and LoRA A started from it in training."""
 
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def test_init_file_keys_shapes_dtype_orthonormal_and_hash(tiny):
         assert torch.allclose(gram, torch.eye(basis.shape[0], dtype=torch.float64), atol=3e-3), name
 
 
+@pytest.mark.slow
 def test_no_init_skips_the_file_and_same_seed_gives_same_file(tiny, tmp_path):
     choice, dataset, loaded, outcome = tiny
     data = _copy_dataset(dataset, tmp_path / "d", with_map=False, with_init=False)
@@ -102,6 +103,7 @@ def test_no_init_skips_the_file_and_same_seed_gives_same_file(tiny, tmp_path):
     assert "init" not in json.loads((skipped / "fisher_map.json").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_writing_the_init_adds_no_forward_pass(tiny, tmp_path):
     choice, dataset, loaded, _ = tiny
     counts = []
@@ -323,6 +325,7 @@ def test_lokr_and_loha_refuse_gradient_init(tmp_path, kind):
         attach_adapter(torch.nn.Module(), plan, InitPlan(InitMode.GRADIENT, bases={}))
 
 
+@pytest.mark.slow
 def test_gradient_vs_default_training_loss(tiny, tmp_path):
     """Same data, seed and lr; report both loss curves. Only robust properties are asserted."""
     choice, dataset, _, _ = tiny

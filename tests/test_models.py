@@ -15,7 +15,13 @@ from sidestep.models.convert import (
 )
 from sidestep.models.discovery import Layout
 from sidestep.models.variants import folder_for, variant_from_folder
-from sidestep.testing.tiny import build_tiny_transformer, tiny_config, write_original_checkpoint
+from sidestep.testing.tiny import (
+    build_tiny_audio_tokenizers,
+    build_tiny_condition_encoder,
+    build_tiny_transformer,
+    tiny_config,
+    write_original_checkpoint,
+)
 
 CPU = resolve_runtime("cpu", "fp32", False)
 
@@ -171,3 +177,31 @@ def test_runtime_auto_and_flags():
         resolve_runtime("cpu", "fp8")
     with pytest.raises(ConfigError, match="CUDA"):
         resolve_runtime("cuda")
+
+
+@pytest.mark.parametrize("turbo", [False, True], ids=["base", "turbo"])
+def test_tiny_original_checkpoint_is_faithful(tmp_path, turbo):
+    """The demo's checkpoint carries what a real one does: the auto_map and every weight group, strictly loadable."""
+    cfg = tiny_config(num_layers=2, hidden=32, is_turbo=turbo, model_version="turbo" if turbo else "base")
+    folder = write_original_checkpoint(tmp_path, cfg, folder="acestep-v15-turbo" if turbo else "acestep-v15-base")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    modeling = "modeling_acestep_v15_turbo" if turbo else "modeling_acestep_v15_base"
+    assert config["auto_map"] == {"AutoConfig": "configuration_acestep_v15.AceStepConfig",
+                                  "AutoModel": f"{modeling}.AceStepConditionGenerationModel"}
+    tensors = load_file(str(folder / "model.safetensors"))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        prefix, _, rest = key.partition(".")
+        groups.setdefault(prefix, {})[rest] = value
+    assert set(groups) == {"decoder", "encoder", "tokenizer", "detokenizer", "null_condition_emb"}
+    # Each group loads strictly into its diffusers class after the converter's renames: every key used once.
+    modules = {"decoder": build_tiny_transformer(cfg, seed=5), "encoder": build_tiny_condition_encoder(cfg, seed=5),
+               **{p.rstrip("."): m for p, m in build_tiny_audio_tokenizers(cfg, seed=5).items()}}
+    for name, module in modules.items():
+        state = {original_to_diffusers(k): v for k, v in groups[name].items()}
+        if name == "encoder":  # diffusers keeps these two inside the condition encoder
+            state["null_condition_emb"] = tensors["null_condition_emb"]
+            state["silence_latent"] = module.silence_latent
+        module.load_state_dict(state, strict=True)
+    assert load_model(find_model(tmp_path, "turbo" if turbo else "base"), CPU).variant.is_turbo is turbo
+

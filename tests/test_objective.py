@@ -85,8 +85,26 @@ def test_loss_matches_the_definition_and_backprops(checkpoint_root, dataset_dir)
 
 def test_padding_is_masked_out_of_the_loss(checkpoint_root, dataset_dir):
     loaded = load_model(find_model(checkpoint_root, "base"), resolve_runtime("cpu", "fp32", False))
-    samples = [load_sample(dataset_dir / f"song_0{i}.pt") for i in (0, 1)]
-    batch = collate(samples)
+    samples = sorted((load_sample(dataset_dir / f"song_0{i}.pt") for i in range(6)), key=lambda s: -s.length)
+    long, short = samples[0], samples[-1]
+    assert short.length < long.length
+    batch = collate([long, short])  # the short sample is right-padded
     noise = noise_like(batch.target_latents, torch.Generator().manual_seed(0))
-    per_sample = flow_matching_loss(loaded.transformer, batch, torch.tensor([0.5, 0.5]), noise, reduction="none")
-    assert per_sample.shape == (2,) and torch.isfinite(per_sample).all()
+    t = torch.tensor([0.5, 0.5])
+    per_sample = flow_matching_loss(loaded.transformer, batch, t, noise, reduction="none")
+    mean = flow_matching_loss(loaded.transformer, batch, t, noise)
+
+    # The DiT attends to padded frames (neither implementation masks inside it), so the prediction for the
+    # short sample is the padded forward's; its loss must equal the plain MSE over its own, unpadded frames.
+    x_t = 0.5 * noise + 0.5 * batch.target_latents
+    with torch.no_grad():
+        pred = loaded.transformer(hidden_states=x_t, timestep=t, timestep_r=t,
+                                  encoder_hidden_states=batch.encoder_hidden_states,
+                                  context_latents=batch.context_latents).sample
+    err = (pred - (noise - batch.target_latents)) ** 2
+    n = short.length
+    unpadded = err[1, :n].mean()
+    torch.testing.assert_close(per_sample[1], unpadded)
+    torch.testing.assert_close(per_sample[0], err[0].mean())
+    torch.testing.assert_close(mean, (err[0].sum() + err[1, :n].sum()) / ((long.length + n) * err.shape[-1]))
+    assert err[1, n:].mean() > 0.1 * unpadded  # the padded frames do carry error: dropping the mask shows

@@ -131,6 +131,7 @@ def test_split_audio_gives_equal_hop_aligned_chunks():
 # ---- encoders ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiled_vae_encoding_matches_untiled(encoders):
     rng = np.random.default_rng(0)
     t = np.arange(int(0.8 * 48000)) / 48000
@@ -299,6 +300,7 @@ def _small_folder(tmp_path: Path) -> Path:
     return audio
 
 
+@pytest.mark.slow
 def test_rerun_skips_changes_redo_and_stale_chunks_go(tmp_path, root):
     audio, out = _small_folder(tmp_path), tmp_path / "out"
     first = preprocess_audio(_config(audio, out, root, max_duration=1.0))
@@ -314,6 +316,7 @@ def test_rerun_skips_changes_redo_and_stale_chunks_go(tmp_path, root):
     assert len(whole.done) == 2 and sorted(p.name for p in out.iterdir()) == ["x.pt", "y.pt"]
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_no_partial_pt_and_resumes(tmp_path, root):
     audio, out = tmp_path / "audio", tmp_path / "out"
     write_audio_clips(audio, [("p.wav", "tone", 0.2, 48000, 2), ("q.wav", "noise", 0.2, 48000, 2)], seed=3)
@@ -353,6 +356,7 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_cli_json_force_and_exit_codes(monkeypatch, capsys, tmp_path, root):
     audio, out = tmp_path / "audio", tmp_path / "out"
     write_audio_clips(audio, [("z.wav", "sweep", 0.2, 48000, 2)], seed=4)

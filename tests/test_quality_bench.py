@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
@@ -21,6 +22,7 @@ def _load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
     bench = _load_bench()
     from quality_lib.arms import ARM_ORDER  # importable once the bench put its folder on sys.path
@@ -38,10 +40,8 @@ def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
 
     records = [json.loads(line) for line in lines[:-1]]
     assert json.loads(lines[-1])["summary"] is True
-    expected = [a for a in ARM_ORDER if a not in summary["skipped"]]
-    assert [r["arm"] for r in records] == expected
     assert summary["skipped"] == {}  # the gradient-init arms run too, now that --init gradient exists
-    assert all(why.startswith("skipped:") for why in summary["skipped"].values())
+    assert [r["arm"] for r in records] == list(ARM_ORDER)  # every arm, in the table's order
 
     flat = next(r for r in records if r["arm"] == "flat")
     for rec in records:
@@ -53,3 +53,12 @@ def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
     assert len(summary["verdicts"]) == len(summary["comparisons"])
     assert json.loads((tmp_path / "result.json").read_text())["records"] == records
     assert "| arm |" in (tmp_path / "table.md").read_text()
+
+
+def test_t_quantiles_come_from_scipy():
+    _load_bench()
+    from quality_lib.stats import t975
+
+    # The old hand table answered 2.060 (its df-25 entry) for df 21-24.
+    assert [round(t975(df), 3) for df in (1, 9, 21, 24, 30)] == [12.706, 2.262, 2.080, 2.064, 2.042]
+

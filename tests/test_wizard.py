@@ -258,6 +258,7 @@ def test_turbo_opt_in_refused_writes_nothing(tmp_path, tiny_cfg, dataset_dir, re
     assert "Nothing was written" in asker.said_text()
 
 
+@pytest.mark.slow
 def test_analysis_flow_really_writes_a_map(configured, dataset_dir, monkeypatch, capsys):
     """The real library call on the tiny model: preview, save, result summary; declining to train."""
     monkeypatch.setenv("SIDESTEP_DEVICE", "cpu")
@@ -355,6 +356,7 @@ def _table_text(item) -> str:
     return console.export_text()
 
 
+@pytest.mark.slow
 def test_train_flow_really_trains(configured, dataset_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SIDESTEP_DEVICE", "cpu")
     for extra in sorted(dataset_dir.glob("*.pt"))[2:]:

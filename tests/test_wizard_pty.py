@@ -65,6 +65,7 @@ class Screen:
         return chunk
 
 
+@pytest.mark.slow
 def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
     config_dir, dataset = tmp_path / "config", tmp_path / "tensors"
     child = _spawn(config_dir)
@@ -118,6 +119,7 @@ def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
     assert all(4 <= r <= 16 for r in fmap["rank_pattern"].values())
 
 
+@pytest.mark.slow
 def test_turbo_refusal_in_the_terminal_writes_nothing(demo, tmp_path, tiny_cfg, dataset_dir):
     root = tmp_path / "ckpt"
     write_original_checkpoint(root, {**tiny_cfg, "is_turbo": True}, seed=0, folder="acestep-v15-turbo")

@@ -1,6 +1,6 @@
 """Rank maps of the bench's arms that the library does not make itself, and parameter-budget matching.
 
-- `reference_ranks`: the reference (Side-Step) rule, written here from preprocessing-plus-plus.md
+- `reference_ranks`: the reference (Side-Step) rule, written here from the reference tool's description
   "What the analysis computes": top 55% by Fisher + 10% category floor, rank = base·sqrt((F/med F)(S/med S))
   with S the weight effective rank, rounded to the rank step and clamped; alpha = 2·rank.
 - `match_budget`: scale a rank map (shape preserved) until Σ r·(in+out) is within a tolerance of a target.

@@ -6,17 +6,12 @@ import math
 import random
 import statistics
 
-# Two-sided 95% Student-t quantiles by degrees of freedom (no scipy needed).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+from scipy.stats import t as student_t
 
 
 def t975(df: int) -> float:
-    if df in _T975:
-        return _T975[df]
-    larger = [k for k in _T975 if k >= df]
-    return _T975[min(larger)] if larger else 1.96
+    """The two-sided 95% Student-t quantile for `df` degrees of freedom."""
+    return float(student_t.ppf(0.975, df))
 
 
 def mean_std(values: list[float]) -> dict:

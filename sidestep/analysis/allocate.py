@@ -1,6 +1,6 @@
 """Pure rank-allocation math for Preprocessing++: which modules get an adapter, and at what rank.
 
-Choices where the algorithm spec is silent (algorithm.md §4):
+Choices where docs/algorithm.md §4 leaves room:
 - Selection keeps `ceil(inclusion · n)` modules (so any inclusion > 0 keeps at least one), then lifts each
   category to `ceil(category_floor · members)` (min 1). Ties in score break by name.
 - Rank step: `--rank-step` if given (it must divide `--rank`); otherwise 8, or the largest power of two

@@ -18,11 +18,11 @@ from sidestep.objective import parse_focus
 __all__ = ["AnalysisConfig", "RankSignal", "REFERENCE_MAX_SAMPLES", "SKETCH_OVERSAMPLING"]
 
 REFERENCE_MAX_SAMPLES = 50  # the reference analyses at most 50 samples per run
-SKETCH_OVERSAMPLING = 16  # k = rank_max + 16 (algorithm.md §7)
+SKETCH_OVERSAMPLING = 16  # k = rank_max + 16 (docs/algorithm.md §7)
 
 
 class RankSignal(str, Enum):
-    """The second factor of the size signal s_m = sqrt((F/med F)·(X/med X)) (algorithm.md §4)."""
+    """The second factor of the size signal s_m = sqrt((F/med F)·(X/med X)) (docs/algorithm.md §4)."""
 
     DATA = "data"  # data rank of the gradient sketch
     FISHER = "fisher"  # Fisher score alone

@@ -1,4 +1,4 @@
-"""Rank correlation and the convergence rule of the Fisher estimate (algorithm.md §3).
+"""Rank correlation and the convergence rule of the Fisher estimate (docs/algorithm.md §3).
 
 Pure numpy. A run has converged when the Spearman correlation between the current module ranking and
 the one `patience` batches earlier stays at or above `threshold` for `patience` consecutive checks.

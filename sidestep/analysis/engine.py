@@ -2,7 +2,7 @@
 
 Each target weight gets a post-accumulate-grad hook that folds its gradient into per-module device
 accumulators and frees it at once, so only one or two weight gradients exist at any moment
-(docs/algorithm.md, "One pass"). Per module m and batch i, with G = dL_i/dW_m (out × in) and Z_i = Gᵀ Ψ:
+(docs/algorithm.md §1). Per module m and batch i, with G = dL_i/dW_m (out × in) and Z_i = Gᵀ Ψ:
   - sq[m]   += ||G||_F^2          (Fisher score F_m = sq[m] / (numel · batches))
   - Z[m]    += Z_i                (input-side sketch, in × k; Ψ seeded Gaussian out × k scaled 1/√k)
   - zsq[m]  += ||Z_i||_F^2        (with ||Z||², an unbiased estimate of the need ||E G||², see `need`)
@@ -37,6 +37,7 @@ from sidestep.data import Batch, DatasetSpec, collate, load_sample
 from sidestep.errors import Interrupted
 from sidestep.models import LoadedModel, original_to_diffusers
 from sidestep.objective import flow_matching_loss, noise_like, sampler_for_focus
+from sidestep.seeding import mix_seed
 
 __all__ = ["AnalysisResult", "FisherEngine", "ModuleStats", "Progress", "RunInfo", "run_analysis", "run_subset"]
 
@@ -138,7 +139,7 @@ class FisherEngine:
         for w, k in zip(self.weights, self.ks):
             key = (w.shape[0], k)
             if key not in self._psi:
-                gen = torch.Generator().manual_seed(_mix(seed, *key))
+                gen = torch.Generator().manual_seed(mix_seed(seed, *key))
                 self._psi[key] = (torch.randn(key, generator=gen) / max(k, 1) ** 0.5).to(device, w.dtype)
         self.forward_passes = 0
         self._handles: list = []
@@ -270,19 +271,10 @@ class _Plan:
         self.total -= self.batches - used
 
 
-def _mix(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
-
-
 def run_subset(files: Sequence[Path], take: int, seed: int, run: int) -> list[Path]:
     """The run's samples: the files shuffled with (seed, run), first `take` of them."""
     order = sorted(files)
-    random.Random(_mix(seed, run)).shuffle(order)
+    random.Random(mix_seed(seed, run)).shuffle(order)
     return order[:take]
 
 
@@ -296,7 +288,7 @@ def _one_run(engine: FisherEngine, config: AnalysisConfig, loaded: LoadedModel, 
     ctx = distributed.current()
     world, rank = ctx.world_size, ctx.rank
     subset = run_subset(files, config.subset_size(len(files)), config.seed, run)
-    gen = torch.Generator().manual_seed(_mix(config.seed, run, 1))
+    gen = torch.Generator().manual_seed(mix_seed(config.seed, run, 1))
     sampler = sampler_for_focus(config.focus_label, loaded.variant)
     tracker = ConvergenceTracker(config.convergence_patience, config.convergence_threshold)
     total = torch.zeros_like(engine.sq)  # the run's Σ||G||², folded in batch order

@@ -1,4 +1,4 @@
-"""fisher_map.json: the map Preprocessing++ writes and training reads (schema: spec/fisher-map.md).
+"""fisher_map.json: the map Preprocessing++ writes and training reads (schema: docs/fisher-map.md).
 
 Inside sidestep every module name is the ORIGINAL ACE-Step name without `decoder.`; on disk only
 `modules[].name` carries the prefix, as the reference (Side-Step, version 2) writes it. Readers accept
@@ -19,13 +19,17 @@ from sidestep.errors import MapError
 from sidestep.fileio import backup_existing, write_json_atomic
 
 __all__ = [
-    "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
+    "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
     "NEED_FIELD", "NeedSummary", "need_summary",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
 MAP_VERSION = 3
+# The learning rate advised for training with a map (it adapts strongly, and turbo models are fragile with one).
+ADVISED_LR = "5e-5"
+LR_ADVICE = ("Preprocessing++ adapts strongly and can overfit sooner: train with a lower learning rate "
+             f"(e.g. --lr {ADVISED_LR} instead of 1e-4) and check samples early.")
 _FIX = "delete it or pass --ignore-fisher-map"
 
 
@@ -104,7 +108,7 @@ class InitRef:
 
 @dataclass(frozen=True)
 class FisherMap:
-    """Everything fisher_map.json holds; field meanings are in spec/fisher-map.md.
+    """Everything fisher_map.json holds; field meanings are in docs/fisher-map.md.
 
     `rank_budget {min, max}` on disk is `rank_min`/`rank_max` here; `target_modules` is derived from
     `rank_pattern`. Fields a map may lack (reference or older maps) are None, 0 or empty.

@@ -1,4 +1,4 @@
-"""fisher_init.safetensors: the gradient-aligned LoRA init bases that analysis writes beside the map (algorithm.md §7).
+"""fisher_init.safetensors: the gradient-aligned LoRA init bases that analysis writes beside the map (docs/algorithm.md §7).
 
 For every analysed module m (ORIGINAL name, `layers.3.self_attn.q_proj`) the file holds Q_mᵀ, a `[k_m, in]`
 fp16 matrix whose rows are an orthonormal basis of the top right singular subspace of the mean gradient,

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
+from sidestep.naming import DECODER_PREFIX
+
 __all__ = [
     "DECODER_PREFIX",
     "PROJECTIONS",
@@ -22,9 +24,6 @@ __all__ = [
     "suffix_of",
     "targetable_modules",
 ]
-
-# Same value as sidestep.models.convert.DECODER_PREFIX; repeated so this module stays torch-free.
-DECODER_PREFIX = "decoder."
 
 
 class Category(str, Enum):

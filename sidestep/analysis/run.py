@@ -27,6 +27,8 @@ from sidestep.analysis.config import AnalysisConfig, RankSignal
 from sidestep.analysis.engine import AnalysisResult, Progress, run_analysis
 from sidestep.analysis.fisher_map import (
     NEED_FIELD,
+    ADVISED_LR,
+    LR_ADVICE,
     Convergence,
     FisherMap,
     ModuleEntry,
@@ -42,17 +44,14 @@ from sidestep.analysis.signals import NeedEstimate, low_confidence
 from sidestep.data import DatasetScan, DatasetSpec, content_hash, dataset_hash, scan_dataset
 from sidestep.errors import ConfigError, Interrupted, SidestepError
 from sidestep.fileio import write_bytes_atomic
-from sidestep.models import LoadedModel, ModelEntry, Runtime, load_model, variant_defaults
+from sidestep.models import LoadedModel, ModelEntry, Runtime, load_model
 from sidestep.models.select import ModelChoice
-from sidestep.models.variants import with_config
 
-__all__ = ["AnalysisOutcome", "LR_ADVICE", "analyze_dataset", "build_map", "preflight"]
+__all__ = ["AnalysisOutcome", "analyze_dataset", "build_map", "preflight"]
 
 SMALL_DATASET = 5
 # Below this share of the total need in the top 10% of modules the need counts as spread evenly (uniform: 0.10).
 SPREAD_EVENLY_BELOW = 0.25
-LR_ADVICE = ("Preprocessing++ adapts strongly and can overfit sooner: train with a lower learning rate "
-             "(e.g. 5e-5 instead of 1e-4) and check samples early.")
 _TURBO_FIX = ("delete fisher_map.json or train with --ignore-fisher-map if a turbo run collapses "
               "(loss spikes, noise); a base model is recommended")
 
@@ -79,11 +78,11 @@ class AnalysisOutcome:
 def preflight(config: AnalysisConfig, entry: ModelEntry) -> tuple[DatasetScan, list[str]]:
     """Everything checkable before the model loads; returns the usable files and the warnings to show."""
     warnings: list[str] = []
-    if _is_turbo(entry):
+    if entry.is_turbo:
         if not config.allow_turbo:
             raise ConfigError(
                 f"{entry.name} is a turbo model, which Preprocessing++ can destabilise; pass --allow-turbo to "
-                f"analyse it anyway (then train with a lower learning rate such as 5e-5 and check samples early), "
+                f"analyse it anyway (then train with a lower learning rate such as {ADVISED_LR} and check samples early), "
                 f"or analyse a base model."
             )
         warnings.append(f"{entry.name} is a turbo model: {LR_ADVICE} If a turbo run collapses, {_TURBO_FIX}.")
@@ -245,10 +244,6 @@ def _is_main_process() -> bool:
     from sidestep.distributed import current
 
     return current().is_main
-
-
-def _is_turbo(entry: ModelEntry) -> bool:
-    return with_config(variant_defaults(entry.variant or "base"), entry.config).is_turbo
 
 
 def _check_output(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Post-processing of the analysis statistics into per-module signals (docs/algorithm.md, "Signals").
+"""Post-processing of the analysis statistics into per-module signals (docs/algorithm.md §2 and
+docs/data-awareness.md).
 
 - need: an unbiased estimate of ||E G||² (how far, to first order, the data wants a module's weight to move)
   and of its spectrum, from the per-batch gradient sketches; the noise of single batches is removed;
@@ -27,7 +28,7 @@ __all__ = [
     "weight_effective_rank",
 ]
 
-DATA_RANK_ENERGY = 0.9  # rho of algorithm.md §2
+DATA_RANK_ENERGY = 0.9  # rho of docs/algorithm.md §2
 WEIGHT_RANK_ENERGY = 0.95  # the reference's spectral factor
 LOW_CONFIDENCE_RATIO = 0.5
 

@@ -75,7 +75,8 @@ def analyze(
 ) -> None:
     """Preprocessing++: find the modules that react to your data, give them adaptive ranks, write fisher_map.json."""
     from sidestep.analysis.config import AnalysisConfig  # imports torch: keep `sidestep --help` fast
-    from sidestep.analysis.run import LR_ADVICE, analyze_dataset
+    from sidestep.analysis.fisher_map import LR_ADVICE
+    from sidestep.analysis.run import analyze_dataset
     from sidestep.data.dataset import sample_files
     from sidestep.models.select import choose_model, choose_runtime
 

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from sidestep.analysis.fisher_map import ADVISED_LR
+
 CheckpointDirOpt = Annotated[
     Path | None,
     typer.Option("--checkpoint-dir", help="ACE-Step checkpoint folder (default: from settings).", show_default=False),
@@ -110,7 +112,7 @@ TargetModulesOpt = Annotated[
                                                "(q_proj, cross_attn.k_proj, layers.3.mlp.up_proj).")
 ]
 AdapterKindOpt = Annotated[str, typer.Option("--adapter", help="Adapter type: lora, dora, lokr or loha (via peft).")]
-LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (with a Preprocessing++ map try 5e-5).")]
+LrOpt = Annotated[float, typer.Option("--lr", help=f"Peak learning rate (with a Preprocessing++ map try {ADVISED_LR}).")]
 OptimizerOpt = Annotated[
     str, typer.Option("--optimizer", help="adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; --lr 1.0).")
 ]

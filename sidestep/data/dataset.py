@@ -224,7 +224,7 @@ def scan_dataset(folder: Path, spec: DatasetSpec = DatasetSpec(), skip_bad: bool
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
-    """Stack samples; unequal lengths are right-padded with zeros (batch size 1 is exact, see acestep-model.md)."""
+    """Stack samples; unequal lengths are right-padded with zeros (batch size 1 is exact, see docs/checkpoints.md)."""
     t_max = max(s.length for s in samples)
     l_max = max(int(s.encoder_hidden_states.shape[0]) for s in samples)
 
@@ -254,7 +254,6 @@ def content_hash(files: Iterable[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(p) for p in files):
         digest.update(path.name.encode("utf-8") + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        with open(path, "rb") as fh:  # file_digest streams into the running digest it is handed
+            hashlib.file_digest(fh, lambda: digest)
     return digest.hexdigest()[:16]

@@ -8,7 +8,7 @@
   diffusers `condition_encoder/` folder. `silence_latent.pt` ([1, 64, frames], channels first) is kept
   beside it as `[frames, 64]`.
 
-How each tensor is produced follows acestep-model.md and diffusers' `AceStepPipeline.encode_prompt`.
+How each tensor is produced follows docs/checkpoints.md and diffusers' `AceStepPipeline.encode_prompt`.
 """
 
 from __future__ import annotations

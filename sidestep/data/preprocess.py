@@ -1,6 +1,6 @@
 """`preprocess_audio`: a folder of songs -> one training `.pt` per song (or per chunk), incrementally and safely.
 
-Each output holds exactly the keys of acestep-model.md ("The preprocessed dataset") plus `metadata`.
+Each output holds exactly the keys of docs/checkpoints.md ("The preprocessed dataset"), `metadata` included.
 An output is up to date when its `metadata["preprocess_key"]` matches the hash of the audio bytes, the
 track's metadata and the settings that shape the tensors; such files are skipped unless `force`.
 Every `.pt` is written to a temporary sibling and renamed into place, so an interrupted run never
@@ -40,7 +40,7 @@ from sidestep.data.metadata import (
     read_dataset_json,
     resolve_metadata,
 )
-from sidestep.distributed import current
+from sidestep.distributed import all_gather_objects, current
 from sidestep.errors import AudioError, ConfigError, Interrupted
 from sidestep.fileio import atomic_path, sha256_file
 from sidestep.models.device import Runtime, resolve_runtime
@@ -177,27 +177,32 @@ def preprocess_audio(config: PreprocessConfig, on_event: Callable[[PreprocessEve
     dataset = read_dataset_json(config.dataset_json) if config.dataset_json else None
     # Preprocessing reads only the condition encoder, so a fine-tune's parent variant does not matter here.
     entry = find_model(config.checkpoint_dir, config.model, base_variant="base")
-    dist = current()  # under torchrun each process takes every W-th file (preprocess_sharded.py)
+    dist = current()
     runtime = dist.place(config.runtime or resolve_runtime(None, None, False))
     on_event = on_event if dist.is_main else _noop
     job = _Job(config, entry, runtime, dataset, on_event, _output_names(files, audio_dir))
-    outcomes: list[FileOutcome] = []
+    total, outcomes = len(files), []
     try:
-        if dist.is_distributed:
-            from sidestep.data.preprocess_sharded import run_sharded
-
-            outcomes, used, encoded = run_sharded(job, files, audio_dir)
-        else:
-            for index, path in enumerate(files):
-                source = path.relative_to(audio_dir).as_posix()
-                on_event(PreprocessEvent(Stage.START, index, len(files), source))
-                outcome = job.process(index, len(files), path, source)
-                outcomes.append(outcome)
-                on_event(PreprocessEvent(Stage.FINISH, index, len(files), source, 1, 1, outcome))
-            used, encoded = set(job.json_entries_used), job.encoders is not None
+        # Round-robin over the processes (torchrun): in each round of W files process r encodes file first + r,
+        # then the outcomes are gathered to all, so a dead or stalled peer is noticed within one file's time,
+        # process 0's bar counts every file and all end with the summary in file order. Each output is written
+        # atomically by the one process that owns its file. For one process the gathers return [mine].
+        for first in range(0, total, dist.world_size):
+            index, mine = first + dist.rank, None
+            if index < total:
+                source = files[index].relative_to(audio_dir).as_posix()
+                on_event(PreprocessEvent(Stage.START, index, total, source))
+                mine = job.process(index, total, files[index], source)
+            for outcome in all_gather_objects(mine):
+                if outcome is not None:
+                    outcomes.append(outcome)
+                    on_event(PreprocessEvent(Stage.FINISH, len(outcomes) - 1, total, outcome.source, 1, 1, outcome))
+        shared = all_gather_objects((job.json_entries_used, job.encoders is not None))
     except KeyboardInterrupt:
-        raise Interrupted(f"Preprocessing interrupted after {len(outcomes)} of {len(files)} files; no partial .pt "
+        raise Interrupted(f"Preprocessing interrupted after {len(outcomes)} of {total} files; no partial .pt "
                           "was left and a rerun continues where it stopped.") from None
+    used = {name for names, _ in shared for name in names}
+    encoded = any(loaded for _, loaded in shared)
     unmatched = tuple(sorted(set(dataset.entries) - used)) if dataset else ()
     return PreprocessSummary(Path(config.output_dir), entry.name, tuple(outcomes),
                              runtime.reason if encoded else "", unmatched)

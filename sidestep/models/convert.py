@@ -7,6 +7,8 @@ the same table; only the `decoder.` prefix differs.
 
 from __future__ import annotations
 
+from sidestep.naming import DECODER_PREFIX
+
 __all__ = [
     "DECODER_PREFIX",
     "NULL_CONDITION_KEY",
@@ -16,10 +18,9 @@ __all__ = [
     "diffusers_key_to_original",
 ]
 
-DECODER_PREFIX = "decoder."
 NULL_CONDITION_KEY = "null_condition_emb"
 
-# Fragment renames, checked against diffusers' converter and a key-for-key parity run (acestep-facts §2.2).
+# Fragment renames, checked against diffusers' converter and a key-for-key parity run (docs/checkpoints.md).
 # Each fragment is matched with surrounding dots so `o_proj` never hits `proj_out`.
 _FRAGMENTS: tuple[tuple[str, str], ...] = (
     (".q_proj.", ".to_q."),

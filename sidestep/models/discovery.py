@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sidestep.errors import CheckpointError, ConfigError
-from sidestep.models.variants import VARIANTS, folder_for, variant_from_folder
+from sidestep.models.variants import VARIANTS, Variant, folder_for, resolve_variant, variant_from_folder
 
 __all__ = ["Layout", "ModelEntry", "discover_models", "find_model", "read_config"]
 
@@ -37,6 +37,15 @@ class ModelEntry:
     def label(self) -> str:
         kind = "official" if self.official else f"fine-tune of {self.variant or 'unknown'}"
         return f"{self.name} ({kind}, {self.layout.value} layout)"
+
+    @property
+    def defaults(self) -> Variant:
+        """The training defaults this checkpoint implies (turbo or not, timestep distribution)."""
+        return resolve_variant(self.variant, self.config)
+
+    @property
+    def is_turbo(self) -> bool:
+        return self.defaults.is_turbo
 
     @property
     def transformer_dir(self) -> Path:

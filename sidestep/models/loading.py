@@ -16,7 +16,7 @@ from sidestep.errors import CheckpointError
 from sidestep.models.convert import NULL_CONDITION_KEY, original_key_to_diffusers
 from sidestep.models.device import Runtime
 from sidestep.models.discovery import Layout, ModelEntry
-from sidestep.models.variants import Variant, variant_defaults, with_config
+from sidestep.models.variants import Variant
 
 __all__ = ["LoadedModel", "load_model", "transformer_kwargs", "build_transformer"]
 
@@ -79,7 +79,7 @@ def load_model(entry: ModelEntry, runtime: Runtime) -> LoadedModel:
     model.requires_grad_(False).eval()
     if runtime.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    variant = with_config(variant_defaults(entry.variant or "base"), entry.config)
+    variant = entry.defaults
     return LoadedModel(model, null_emb, variant, entry, runtime)
 
 

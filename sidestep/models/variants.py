@@ -7,9 +7,10 @@ from typing import Any, Mapping
 
 from sidestep.errors import ConfigError
 
-__all__ = ["Variant", "VARIANTS", "variant_defaults", "folder_for", "variant_from_folder", "with_config"]
+__all__ = ["Variant", "VARIANTS", "variant_defaults", "folder_for", "variant_from_folder", "with_config",
+           "resolve_variant"]
 
-# Turbo 8-step schedule at shift 3 (acestep-model.md); t = 1 is pure noise.
+# Turbo 8-step schedule at shift 3 (docs/checkpoints.md, Variants); t = 1 is pure noise.
 TURBO_SHIFT3_TIMESTEPS: tuple[float, ...] = (1.0, 0.9545454545, 0.9, 0.8333333333, 0.75, 0.6428571429, 0.5, 0.3)
 
 
@@ -86,3 +87,11 @@ def with_config(variant: Variant, config: Mapping[str, Any]) -> Variant:
     if config.get("is_turbo") is not None:
         overrides["is_turbo"] = bool(config["is_turbo"])
     return replace(variant, **overrides)
+
+
+def resolve_variant(name: str | None, config: Mapping[str, Any]) -> Variant:
+    """How a checkpoint trains: its (parent) variant's defaults, `base` when unknown, overridden by its config.json.
+
+    The one answer to "is this model turbo?" (and to its timestep distribution) for every command and the wizard.
+    """
+    return with_config(variant_defaults(name or "base"), config)

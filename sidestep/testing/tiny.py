@@ -13,7 +13,11 @@ from typing import Any
 
 import torch
 from diffusers import AceStepTransformer1DModel
-from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
+from diffusers.pipelines.ace_step.modeling_ace_step import (
+    AceStepAudioTokenDetokenizer,
+    AceStepAudioTokenizer,
+    AceStepConditionEncoder,
+)
 from safetensors.torch import save_file
 
 from sidestep.models.convert import NULL_CONDITION_KEY, diffusers_key_to_original, diffusers_to_original
@@ -24,6 +28,7 @@ __all__ = [
     "tiny_config",
     "build_tiny_transformer",
     "build_tiny_condition_encoder",
+    "build_tiny_audio_tokenizers",
     "write_original_checkpoint",
     "write_diffusers_checkpoint",
     "write_dataset",
@@ -35,8 +40,12 @@ LATENT_DIM = 64
 CONTEXT_DIM = 128
 
 # Field names are those of the original ACE-Step config.json, so the demo checkpoint reads like a real one.
+# `auto_map` names ACE-Step's remote-code modules as its checkpoints do (turbo folders ship
+# modeling_acestep_v15_turbo.py instead, see `tiny_config`); sidestep itself never runs that code.
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["AceStepConditionGenerationModel"],
+    "auto_map": {"AutoConfig": "configuration_acestep_v15.AceStepConfig",
+                 "AutoModel": "modeling_acestep_v15_base.AceStepConditionGenerationModel"},
     "model_type": "acestep",
     "model_version": "base",
     "is_turbo": False,
@@ -58,6 +67,10 @@ TINY_CONFIG: dict[str, Any] = {
     "timbre_hidden_dim": LATENT_DIM,
     "num_lyric_encoder_hidden_layers": 1,
     "num_timbre_encoder_hidden_layers": 1,
+    "num_attention_pooler_hidden_layers": 1,  # the 5 Hz audio tokenizer and detokenizer
+    "pool_window_size": 5,
+    "fsq_input_levels": [8, 8, 8, 5, 5, 5],
+    "vocab_size": 64003,  # 8·8·8·5·5·5 audio codes + 3
     "timestep_mu": -0.4,
     "timestep_sigma": 1.0,
     "data_proportion": 0.5,
@@ -70,7 +83,10 @@ def tiny_config(num_layers: int = 4, hidden: int = 64, **overrides: Any) -> dict
     cfg = dict(TINY_CONFIG, num_hidden_layers=num_layers, hidden_size=hidden, intermediate_size=2 * hidden)
     cfg["head_dim"] = max(8, hidden // cfg["num_attention_heads"])
     cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    cfg["fsq_dim"] = hidden
     cfg.update(overrides)
+    if cfg.get("is_turbo"):
+        cfg["auto_map"] = dict(cfg["auto_map"], AutoModel="modeling_acestep_v15_turbo.AceStepConditionGenerationModel")
     return cfg
 
 
@@ -97,6 +113,20 @@ def build_tiny_condition_encoder(config: dict[str, Any], seed: int = 1) -> AceSt
     ).eval()
 
 
+def build_tiny_audio_tokenizers(config: dict[str, Any], seed: int = 2) -> dict[str, torch.nn.Module]:
+    """The real 5 Hz audio tokenizer and detokenizer classes at the tiny sizes, keyed by their checkpoint prefix."""
+    torch.manual_seed(seed)
+    shared = dict(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+                  audio_acoustic_hidden_dim=config["audio_acoustic_hidden_dim"],
+                  pool_window_size=config["pool_window_size"],
+                  num_attention_pooler_hidden_layers=config["num_attention_pooler_hidden_layers"],
+                  num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
+                  head_dim=config["head_dim"], sliding_window=config["sliding_window"])
+    return {"tokenizer.": AceStepAudioTokenizer(fsq_dim=config["fsq_dim"], fsq_input_levels=config["fsq_input_levels"],
+                                                **shared).eval(),
+            "detokenizer.": AceStepAudioTokenDetokenizer(**shared).eval()}
+
+
 def _silence_latent(seed: int, frames: int = 1500) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return 0.05 * torch.randn(1, LATENT_DIM, frames, generator=gen)  # stored channels-first, like the real file
@@ -104,8 +134,9 @@ def _silence_latent(seed: int, frames: int = 1500) -> torch.Tensor:
 
 def write_original_checkpoint(root: Path, config: dict[str, Any] | None = None, seed: int = 0,
                               folder: str = "acestep-v15-base") -> Path:
-    """Write `<root>/<folder>/` as ACE-Step ships it: config.json, model.safetensors (decoder., encoder.,
-    null_condition_emb) and silence_latent.pt. Returns the model folder."""
+    """Write `<root>/<folder>/` as ACE-Step ships it: config.json (with its auto_map), model.safetensors with every
+    weight group (decoder., encoder., tokenizer., detokenizer., null_condition_emb) and silence_latent.pt.
+    ACE-Step's remote-code .py files are not written. Returns the model folder."""
     config = config or tiny_config()
     model_dir = Path(root) / folder
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +148,8 @@ def write_original_checkpoint(root: Path, config: dict[str, Any] | None = None, 
             tensors[NULL_CONDITION_KEY] = value.contiguous()
         elif key != "silence_latent":  # the original keeps silence in its own file
             tensors["encoder." + diffusers_to_original(key)] = value.contiguous()
+    for prefix, module in build_tiny_audio_tokenizers(config, seed + 2).items():
+        tensors.update({prefix + diffusers_to_original(k): v.contiguous() for k, v in module.state_dict().items()})
     save_file(tensors, str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     torch.save(_silence_latent(seed), model_dir / "silence_latent.pt")
@@ -130,10 +163,15 @@ def write_diffusers_checkpoint(root: Path, config: dict[str, Any] | None = None,
     model_dir = Path(root) / folder
     dit = build_tiny_transformer(config, seed)
     encoder = build_tiny_condition_encoder(config, seed + 1)
+    tokenizer, detokenizer = build_tiny_audio_tokenizers(config, seed + 2).values()
     dit.save_pretrained(model_dir / "transformer")
     encoder.save_pretrained(model_dir / "condition_encoder")
+    tokenizer.save_pretrained(model_dir / "audio_tokenizer")
+    detokenizer.save_pretrained(model_dir / "audio_token_detokenizer")
     index = {"_class_name": "AceStepPipeline", "transformer": ["diffusers", "AceStepTransformer1DModel"],
-             "condition_encoder": ["diffusers", "AceStepConditionEncoder"]}
+             "condition_encoder": ["diffusers", "AceStepConditionEncoder"],
+             "audio_tokenizer": ["diffusers", "AceStepAudioTokenizer"],
+             "audio_token_detokenizer": ["diffusers", "AceStepAudioTokenDetokenizer"]}
     (model_dir / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return model_dir
 

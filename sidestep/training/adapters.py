@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
-from sidestep.analysis.fisher_map import MAP_FILENAME, FisherMap, read_map
+from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, FisherMap, read_map
 from sidestep.analysis.modules import PROJECTIONS, Category, ModuleShape, category_of, module_sort_key, targetable_modules
 from sidestep.data import dataset_hash
 from sidestep.errors import ConfigError, MapError
@@ -30,7 +30,7 @@ __all__ = ["AdapterPlan", "MapSummary", "plan_adapter", "flat_plan", "map_plan",
 Naming = Literal["diffusers", "original"]
 # Substrings that mark a parameter as part of an adapter (LoRA/DoRA, LoHa, LoKr).
 ADAPTER_PARAM_MARKERS = (".lora_", ".hada_", ".lokr_")
-_TURBO_ADVICE = ("Turbo models are fragile with Preprocessing++ maps: use a lower --lr (e.g. 5e-5) and listen to "
+_TURBO_ADVICE = (f"Turbo models are fragile with Preprocessing++ maps: use a lower --lr (e.g. {ADVISED_LR}) and listen to "
                  "early checkpoints; if the loss spikes, delete fisher_map.json or pass --ignore-fisher-map, or train "
                  "on base.")
 

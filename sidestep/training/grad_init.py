@@ -1,4 +1,4 @@
-"""`--init gradient`: start every LoRA A from the analysis' top gradient directions (algorithm.md §7).
+"""`--init gradient`: start every LoRA A from the analysis' top gradient directions (docs/algorithm.md §7).
 
 peft starts A ~ kaiming_uniform(a=√5), B = 0, so the first update is the mean gradient projected on a random
 r-dimensional input subspace. Here A's rows are the first r_m rows of the stored basis Q_mᵀ (the top right singular

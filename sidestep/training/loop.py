@@ -1,9 +1,10 @@
 """The training loop: one readable function, a comment per phase (nanoGPT style), plus its small helpers.
 
 Everything random is derived from (seed, position), never from a shared stream: the sample order of
-epoch E from (seed, E), and the crop, CFG dropout, timesteps and noise of global micro-batch G from (seed, G).
-So the state to resume is just the step count (plus optimizer, scheduler and the global RNG that adapter
-dropout uses), it does not depend on the number of processes, and each rank can take its own shard.
+epoch E from (seed, E), and each sample's crop, CFG dropout, timestep and noise from (seed, E, its position
+in that order). So the state to resume is just the step count (plus optimizer, scheduler and the global RNG
+that adapter dropout uses), and the draws depend neither on the number of processes (each rank takes its own
+shard) nor on how samples are grouped: batch B x grad-accum A trains like batch B·A when no padding is needed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sidestep.data import Batch, DatasetSpec, Sample, collate, load_sample
 from sidestep.errors import Interrupted, TrainingDiverged
 from sidestep.models.device import Runtime
 from sidestep.objective import TimestepSampler, apply_cfg_dropout, flow_matching_loss, noise_like
+from sidestep.seeding import mix_seed
 from sidestep.training.config import OptimizerKind, SchedulerKind, TrainConfig
 from sidestep.training.events import OnEvent, Progress
 
@@ -28,7 +30,6 @@ __all__ = ["LoopState", "LoopCallback", "LoopContext", "Optimization", "SampleOr
 
 EMA_BETA = 0.9
 _MIN_GUARD_STEPS = 10  # the loss EMA needs some history before a spike means anything
-_MASK64 = (1 << 63) - 1
 
 
 @dataclass
@@ -76,6 +77,17 @@ class SampleOrder:
         self._cache: dict[int, Sample] | None = {} if cache else None
         self._perm: tuple[int, list[int]] | None = None
 
+    def positions(self, micro: int) -> tuple[int, list[int]]:
+        """(epoch, positions in that epoch's order) of the samples of this rank's micro-batch `micro`."""
+        epoch, pos = divmod(micro, self.micro_per_epoch)
+        start = (pos * self.world_size + self.rank) * self.batch_size
+        return epoch, list(range(start, start + len(self.indices(micro))))
+
+    def generators(self, micro: int) -> list[torch.Generator]:
+        """One generator per sample of micro-batch `micro`, seeded by (seed, epoch, position): layout-independent."""
+        epoch, positions = self.positions(micro)
+        return [torch.Generator().manual_seed(mix_seed(self.seed, epoch, p, 1)) for p in positions]
+
     def global_micro(self, micro: int) -> int:
         """The layout-independent index of this rank's micro-batch `micro` (seeds its randomness)."""
         return micro * self.world_size + self.rank
@@ -84,7 +96,7 @@ class SampleOrder:
         """Sample indices of micro-batch `micro` for this rank (the last one of an epoch may be short)."""
         epoch, pos = divmod(micro, self.micro_per_epoch)
         if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
             perm = torch.randperm(len(self.files), generator=gen).tolist()
             if self.world_size > 1:  # DistributedSampler-style padding keeps the processes in lockstep
                 slots = self.micro_per_epoch * self.world_size * self.batch_size
@@ -93,9 +105,10 @@ class SampleOrder:
         start = (pos * self.world_size + self.rank) * self.batch_size
         return self._perm[1][start : start + self.batch_size]
 
-    def batch(self, micro: int, gen: torch.Generator) -> Batch:
+    def batch(self, micro: int, gens: list[torch.Generator]) -> Batch:
+        """The samples of micro-batch `micro`, each cropped (when longer than `max_length`) with its own generator."""
         samples = []
-        for index in self.indices(micro):
+        for index, gen in zip(self.indices(micro), gens, strict=True):
             sample = self._load(index)
             if self.max_length is not None and sample.length > self.max_length:
                 start = int(torch.randint(sample.length - self.max_length + 1, (1,), generator=gen))
@@ -141,15 +154,15 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
         for callback in ctx.callbacks:
             callback.on_train_start(state)
         while state.step < ctx.total_steps:
-            # ---- forward/backward over grad_accum micro-batches; all randomness from (seed, micro index)
+            # ---- forward/backward over grad_accum micro-batches; each sample's randomness from its position
             step_loss = 0.0
             for k in range(cfg.grad_accum):
                 micro = state.step * cfg.grad_accum + k
-                gen = torch.Generator().manual_seed(_mix(cfg.seed, ctx.order.global_micro(micro), 0))
-                batch = ctx.order.batch(micro, gen).to(rt.device, rt.dtype)
-                cond = apply_cfg_dropout(batch.encoder_hidden_states, ctx.null_embedding, cfg.cfg_dropout, gen)
-                t = ctx.sampler.sample(batch.size, gen)
-                noise = noise_like(batch.target_latents, gen)
+                gens = ctx.order.generators(micro)
+                batch = ctx.order.batch(micro, gens).to(rt.device, rt.dtype)
+                cond = apply_cfg_dropout(batch.encoder_hidden_states, ctx.null_embedding, cfg.cfg_dropout, gens)
+                t = torch.cat([ctx.sampler.sample(1, g) for g in gens])
+                noise = torch.stack([noise_like(x, g) for x, g in zip(batch.target_latents, gens)])
                 with autocast:
                     loss = flow_matching_loss(model, batch, t, noise, encoder_hidden_states=cond)
                 opt.scaler.scale(loss / cfg.grad_accum).backward()
@@ -270,12 +283,3 @@ def restore_rng(state: dict[str, Any] | None) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (splitmix-style), so nearby inputs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-    return h

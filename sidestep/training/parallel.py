@@ -15,9 +15,9 @@ import torch
 
 from sidestep import distributed
 from sidestep.distributed import DistContext
+from sidestep.seeding import mix_seed
 from sidestep.training.config import TrainConfig
 from sidestep.training.events import Notice
-from sidestep.training.loop import _mix
 
 __all__ = ["effective_batch", "resume_notice", "seed_process_rng", "sync_for"]
 
@@ -41,7 +41,7 @@ def seed_process_rng(seed: int, step: int) -> None:
     """
     rank = distributed.current().rank
     if rank > 0:
-        torch.manual_seed(_mix(seed, rank, step))
+        torch.manual_seed(mix_seed(seed, rank, step))
 
 
 def resume_notice(resumed: dict[str, Any], config: TrainConfig, resume_dir: Path) -> Notice | None:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from sidestep import __version__, distributed
+from sidestep.analysis.fisher_map import ADVISED_LR
 from sidestep.data import DatasetSpec, scan_dataset
 from sidestep.errors import ConfigError
-from sidestep.models import LoadedModel, Runtime, load_model, variant_defaults
+from sidestep.models import LoadedModel, Runtime, load_model
 from sidestep.models.loading import build_transformer
 from sidestep.models.select import ModelChoice
-from sidestep.models.variants import with_config
 from sidestep.objective import sampler_for_training
 from sidestep.training import saving
 from sidestep.training.adapters import AdapterPlan, MapSummary, attach_adapter, module_shapes, plan_adapter, summarize
@@ -121,7 +121,7 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _
     entry = choice.entry
     spec = DatasetSpec.from_model_config(entry.config)
     scan = scan_dataset(config.dataset_dir, spec)
-    variant = with_config(variant_defaults(entry.variant or "base"), entry.config)
+    variant = entry.defaults
     plan = plan_adapter(config, variant.name, variant.is_turbo, int(entry.config["num_hidden_layers"]))
     resume_dir = saving.resolve_resume(config.output_dir, config.resume) if config.resume else None
     resumed = saving.load_training_state(resume_dir) if resume_dir else None
@@ -193,7 +193,7 @@ def _state_payload(st: LoopState, epoch: float, opt: Optimization, config: Train
 def _advice(plan: AdapterPlan, is_turbo: bool) -> str:
     if plan.adaptive:
         base = " or train on base" if is_turbo else ""
-        return ("Lower --lr (e.g. 5e-5) and check samples early; if the loss keeps spiking, delete "
+        return (f"Lower --lr (e.g. {ADVISED_LR}) and check samples early; if the loss keeps spiking, delete "
                 f"fisher_map.json or pass --ignore-fisher-map{base}.")
     return "Lower --lr (e.g. by half), keep --max-grad-norm on, and check the dataset; then --resume the checkpoint."
 

@@ -152,11 +152,8 @@ def _warn_once(asker: Asker, message: str, shown: set[str]) -> None:
 
 
 def _is_turbo(choice: Any) -> bool:
-    """Turbo as the library sees it: the variant's default, unless the checkpoint's config says otherwise."""
-    from sidestep.models.variants import VARIANTS, with_config
-
-    variant = VARIANTS.get(choice.entry.variant or "")
-    return bool(variant and with_config(variant, choice.entry.config).is_turbo)
+    """Turbo as the library sees it (the same rule as `sidestep analyze`)."""
+    return choice.entry.is_turbo
 
 
 def summary_table(config: AnalysisConfig, choice: Any, scan: Any) -> Table:
@@ -251,7 +248,7 @@ def result_summary(outcome: Any) -> str:
     if fmap.convergence and fmap.convergence.cross_run_spearman is not None:
         lines.append(f"  agreement between runs: Spearman {fmap.convergence.cross_run_spearman:.3f} "
                      f"over {fmap.total_batches} batches")
-    from sidestep.analysis.run import LR_ADVICE
+    from sidestep.analysis.fisher_map import LR_ADVICE
 
     lines.append(f"  [dim]{LR_ADVICE}[/]")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 NO_PRESET = "(none: use the defaults)"
-FRAMES_PER_SECOND = 25  # ACE-Step latents (acestep-model.md)
+FRAMES_PER_SECOND = 25  # ACE-Step latents (docs/checkpoints.md)
 Answers = MutableMapping[str, Any]
 
 
@@ -44,7 +44,7 @@ def checkpoint_root() -> Path:
 
 def model_option(entry: Any) -> Option:
     kind = "official" if entry.official else f"fine-tune of {entry.variant or 'unknown variant'}"
-    turbo = " · turbo" if entry.variant and "turbo" in entry.variant else ""
+    turbo = " · turbo" if entry.is_turbo else ""
     return Option(entry.name, entry, f"{kind}, {entry.layout.value} layout{turbo}")
 
 

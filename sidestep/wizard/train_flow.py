@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from rich.table import Table
 
-from sidestep.analysis.fisher_map import MAP_FILENAME, read_map
+from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, read_map
 from sidestep.analysis.init_file import INIT_FILENAME
 from sidestep.errors import SidestepError
 from sidestep.training.config import AdapterKind, TrainConfig
@@ -134,7 +134,7 @@ def map_summary(path: Path) -> str:
             f"ranks {ranks[0]}–{ranks[-1]}, focus {fmap.timestep_focus}" if ranks else f"Map {path} adapts no module")
     if fmap.trainable_params and fmap.flat_equivalent_params:
         line += f"; {fmap.trainable_params:,} trainable parameters vs {fmap.flat_equivalent_params:,} flat"
-    return line + ". Advice: a lower learning rate (e.g. 5e-5) and early listening, as it adapts strongly."
+    return line + f". Advice: a lower learning rate (e.g. {ADVISED_LR}) and early listening, as it adapts strongly."
 
 
 def _offers_init(answers: Answers) -> bool:
@@ -183,7 +183,7 @@ def _field_question(name: str):
         preset = answers.get("preset_values", {})
         default = answers.get(name, preset.get(name, default_of(TrainConfig, name)))
         if name == "lr" and _uses_map(answers) and name not in answers and name not in preset:
-            asker.say("[dim]With a map, a lower learning rate (e.g. 5e-5) is advised.[/]")
+            asker.say(f"[dim]With a map, a lower learning rate (e.g. {ADVISED_LR}) is advised.[/]")
 
         def check(value: Any) -> str | None:
             return config_problem(lambda: build_train_config({**answers, name: value}))
@@ -239,9 +239,7 @@ def _confirm(asker: Asker, answers: Answers) -> bool:
 
 
 def _is_turbo(choice: Any) -> bool:
-    from sidestep.wizard.analysis_flow import _is_turbo as is_turbo
-
-    return is_turbo(choice)
+    return choice.entry.is_turbo
 
 
 def _summary(config: TrainConfig, answers: Answers) -> Table:
