@@ -35,6 +35,7 @@ from planted_lib.plant import PlantSpec, ensure_plant  # noqa: E402
 from planted_lib.runner import DEFAULT_SIGNAL, SIGNALS, CellConfig, Data, outputs, run_cell  # noqa: E402
 from quality_lib.arms import Budget  # noqa: E402
 from quality_lib.base_model import MODEL_FOLDER, BaseSpec, ensure_base  # noqa: E402
+from quality_lib.cli import parse_with_preset  # noqa: E402
 from quality_lib.evaluate import eval_loss, make_eval_set  # noqa: E402
 from quality_lib.stats import mean_std, paired  # noqa: E402
 from quality_lib.synthetic import draw_samples, shifted_law, write_split  # noqa: E402
@@ -70,17 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=REPO / ".bench-cache" / "quality")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--threads", type=int, default=1)
-    g = p.add_argument_group("sizes (override the preset)")
-    for name, kind in (("seeds", int), ("layers", int), ("hidden", int), ("pretrain-steps", int),
-                       ("train-samples", int), ("eval-samples", int), ("eval-draws", int), ("steps", int),
-                       ("batch-size", int), ("warmup", int), ("lrs", str), ("rank", int), ("rank-min", int),
-                       ("rank-max", int), ("rank-step", int), ("damage", float), ("ode-steps", int)):
-        g.add_argument(f"--{name}", type=kind, default=None)
-    args = p.parse_args(argv)
-    args.plants = args.plants or args.plant_seed
-    for key, value in PRESETS["quick" if args.quick else "default"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    sizes = {"seeds": int, "layers": int, "hidden": int, "pretrain-steps": int, "train-samples": int,
+             "eval-samples": int, "eval-draws": int, "steps": int, "batch-size": int, "warmup": int, "lrs": str,
+             "rank": int, "rank-min": int, "rank-max": int, "rank-step": int, "damage": float, "ode-steps": int}
+    args = parse_with_preset(p, sizes, PRESETS, argv)
+    if args.plant_seed:  # the alias, when given, names the plants
+        args.plants = args.plant_seed
     return args
 
 

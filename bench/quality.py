@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_lib.arms import ARM_ORDER, Budget  # noqa: E402
 from quality_lib.base_model import MODEL_FOLDER, BaseSpec, ensure_base  # noqa: E402
+from quality_lib.cli import parse_with_preset  # noqa: E402
 from quality_lib.report import markdown_table, summarize  # noqa: E402
 from quality_lib.runner import CellConfig, prepare_task, run_cell, skipped_arms  # noqa: E402
 
@@ -62,17 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="device for pretraining, analysis, training and evaluation")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is the robust default: on a busy 2-core machine 2 threads run ~10x slower)")
-    g = p.add_argument_group("sizes (override the preset)")
-    for name, kind in (("layers", int), ("hidden", int), ("pretrain-steps", int), ("seeds", int),
-                       ("train-samples", int), ("val-samples", int), ("test-samples", int), ("base-samples", int),
-                       ("eval-draws", int), ("steps", int), ("batch-size", int), ("warmup", int), ("lrs", str),
-                       ("rank", int), ("rank-min", int), ("rank-max", int), ("rank-step", int)):
-        g.add_argument(f"--{name}", type=kind, default=None)
-    args = p.parse_args(argv)
-    for key, value in PRESETS["quick" if args.quick else "default"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    sizes = {"layers": int, "hidden": int, "pretrain-steps": int, "seeds": int, "train-samples": int,
+             "val-samples": int, "test-samples": int, "base-samples": int, "eval-draws": int, "steps": int,
+             "batch-size": int, "warmup": int, "lrs": str, "rank": int, "rank-min": int, "rank-max": int,
+             "rank-step": int}
+    return parse_with_preset(p, sizes, PRESETS, argv)
 
 
 def main(argv: list[str] | None = None, emit=print) -> dict:

@@ -8,25 +8,16 @@ sensitivity, see bench/README.md "Planted"): it is a strict xfail, so the day it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "planted.py"
+from bench_support import load_bench
+
 pytestmark = pytest.mark.slow
 
-
-def _load_bench():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("planted_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,7 @@ def quick_run(tmp_path_factory):
             "--workdir", str(tmp / "work"), "--out", str(tmp / "result.json"), "--markdown", str(tmp / "table.md")]
     threads = torch.get_num_threads()
     try:
-        summary = _load_bench().main(argv, emit=lines.append)
+        summary = load_bench("planted").main(argv, emit=lines.append)
     finally:
         torch.set_num_threads(threads)
     return summary, [json.loads(line) for line in lines[:-1]], json.loads((tmp / "result.json").read_text()), tmp

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
-
-
-def _load_bench():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_support import load_bench
 
 
 @pytest.mark.slow
 def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
-    bench = _load_bench()
+    bench = load_bench("quality")
     from quality_lib.arms import ARM_ORDER  # importable once the bench put its folder on sys.path
 
     lines: list[str] = []
@@ -56,7 +45,7 @@ def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
 
 
 def test_t_quantiles_come_from_scipy():
-    _load_bench()
+    load_bench("quality")
     from quality_lib.stats import t975
 
     # The old hand table answered 2.060 (its df-25 entry) for df 21-24.

@@ -18,7 +18,6 @@ from sidestep.data import DatasetSpec, scan_dataset
 from sidestep.data.dataset import collate
 from sidestep.models import LoadedModel, find_model
 from sidestep.models.select import ModelChoice
-from sidestep.objective import flow_matching_loss
 from sidestep.training.adapters import module_shapes
 from sidestep.training.config import TrainConfig
 from sidestep.training.run import train

@@ -1,0 +1,21 @@
+"""The benchmarks' shared command-line pattern: size options that override a named preset."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, sizes: dict[str, type], presets: dict[str, dict],
+                      argv: list[str] | None) -> argparse.Namespace:
+    """Add `--NAME` for every size (default None), parse, then fill what was not given from the preset.
+
+    The preset is "quick" when the parser has a true `--quick`, else "default"; its keys use underscores.
+    """
+    group = parser.add_argument_group("sizes (override the preset)")
+    for name, kind in sizes.items():
+        group.add_argument(f"--{name}", type=kind, default=None)
+    args = parser.parse_args(argv)
+    for key, value in presets["quick" if getattr(args, "quick", False) else "default"].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
