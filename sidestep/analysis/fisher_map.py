@@ -413,8 +413,7 @@ class _Reader:
                                 f"up to {_MAX_RANK}")
         for name, alpha in alphas.items():
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not _finite_positive(alpha):
-                raise self.fail(f"alpha_pattern gives {name} the alpha {json.dumps(alpha)[:40]}, not a finite positive "
-                                "number")
+                raise self.fail(f"alpha_pattern gives {name} the alpha {json.dumps(alpha)[:40]}, not a positive number")
         if set(ranks) != set(alphas):
             odd = sorted(set(ranks) ^ set(alphas), key=module_sort_key)[0]
             raise self.fail(f"rank_pattern and alpha_pattern list different modules (e.g. {odd})")

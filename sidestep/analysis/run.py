@@ -194,6 +194,8 @@ def _is_turbo(entry: ModelEntry) -> bool:
 def _check_output(path: Path) -> None:
     if path.is_dir():
         raise ConfigError(f"--output {path} is a folder; give a file path such as {path / 'fisher_map.json'}.")
+    if path.suffix.lower() in (".pt", ".safetensors"):
+        raise ConfigError(f"--output {path}: a map named like a sample file would be read as one; use a .json name.")
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError(f"--output {path}: the folder {folder} does not exist.")
@@ -225,7 +227,7 @@ def _save(config: AnalysisConfig, outcome: AnalysisOutcome,
     warnings = list(outcome.warnings)
     try:
         png = render_png(outcome.map, outcome.result)
-    except (ValueError, RuntimeError, OSError) as err:  # a broken plotting backend must not lose the map
+    except Exception as err:  # noqa: BLE001 - the picture is optional: no plotting failure may cost the map
         png = None
         warnings.append(f"The heatmap could not be drawn ({err}); the map is saved without it.")
         if on_warning is not None:

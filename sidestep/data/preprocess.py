@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -42,7 +43,7 @@ from sidestep.data.metadata import (
 )
 from sidestep.distributed import current
 from sidestep.errors import AudioError, ConfigError, Interrupted
-from sidestep.fileio import atomic_path, sha256_file
+from sidestep.fileio import atomic_path, check_output_dir, sha256_file
 from sidestep.models.device import Runtime, resolve_runtime
 from sidestep.models.discovery import ModelEntry, find_model
 
@@ -76,8 +77,11 @@ class PreprocessConfig:
             raise ConfigError(f"--audio-dir {self.audio_dir} does not exist or is not a folder.")
         if self.dataset_json is not None and not Path(self.dataset_json).is_file():
             raise ConfigError(f"--dataset-json {self.dataset_json} does not exist.")
+        if self.max_duration is not None and not math.isfinite(self.max_duration):
+            raise ConfigError(f"--max-duration {self.max_duration} is not a number of seconds; give e.g. 240.")
         if self.max_duration is not None and self.max_duration < 1.0:
             raise ConfigError(f"--max-duration {self.max_duration} is too short; use at least 1 second.")
+        check_output_dir(Path(self.output_dir), "--output")
         if self.tile_seconds <= 2 * self.overlap_seconds or self.overlap_seconds < 0:
             raise ConfigError(f"VAE tile {self.tile_seconds} s must exceed twice its overlap {self.overlap_seconds} s.")
 

@@ -184,8 +184,10 @@ def output_lock(output_dir: Path) -> Iterator[None]:
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, "--output-dir")
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(output_dir / LOCK_FILE), timeout=0)
+    lock_path = output_dir / LOCK_FILE
+    lock = filelock.FileLock(str(lock_path), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -193,8 +195,12 @@ def output_lock(output_dir: Path) -> Iterator[None]:
                           f"to finish or choose another --output-dir.") from None
     try:
         yield
-    finally:
+    except BaseException:
         lock.release()
+        if created and [p.name for p in output_dir.iterdir()] == [LOCK_FILE]:  # a run that failed in preflight
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    lock.release()
 
 
 def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
