@@ -82,6 +82,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 def write_error_reason(err: BaseException) -> str:
     """Why a write failed, in a few words; torch.save and safetensors report a full disk as RuntimeError."""
+    if isinstance(err, SidestepError) and isinstance(err.__cause__, OSError):  # atomic_path's own sentence
+        err = err.__cause__
     code = getattr(err, "errno", None)
     text = str(err)
     if code == errno.ENOSPC or "No space left" in text or "StorageFull" in text or "code: 28" in text:
@@ -90,7 +92,7 @@ def write_error_reason(err: BaseException) -> str:
         return "permission denied"
     if code == errno.EROFS:
         return "the file system is read-only"
-    if "file write failed" in text or "PytorchStreamWriter failed" in text:
+    if any(m in text for m in ("file write failed", "PytorchStreamWriter failed", "inline_container", "unexpected pos")):
         return "the file could not be written; is the disk full?"
     if isinstance(err, SidestepError):
         return text.rstrip(".")

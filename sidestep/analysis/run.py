@@ -37,7 +37,7 @@ from sidestep.models import LoadedModel, ModelEntry, Runtime, load_model, varian
 from sidestep.models.select import ModelChoice
 from sidestep.models.variants import with_config
 
-__all__ = ["AnalysisOutcome", "LR_ADVICE", "analyze_dataset", "build_map", "preflight"]
+__all__ = ["AnalysisOutcome", "LR_ADVICE", "analyze_dataset", "build_map", "check_output", "preflight"]
 
 SMALL_DATASET = 5
 LR_ADVICE = ("Preprocessing++ adapts strongly and can overfit sooner: train with a lower learning rate "
@@ -76,7 +76,7 @@ def preflight(config: AnalysisConfig, entry: ModelEntry) -> tuple[DatasetScan, l
                 f"or analyse a base model."
             )
         warnings.append(f"{entry.name} is a turbo model: {LR_ADVICE} If a turbo run collapses, {_TURBO_FIX}.")
-    _check_output(config.output_path)
+    check_output(config.output_path)
     scan = scan_dataset(config.dataset_dir, DatasetSpec.from_model_config(entry.config), config.skip_bad)
     warnings.extend(f"Skipped {problem}" for problem in scan.problems)
     if len(scan.files) < SMALL_DATASET:
@@ -191,7 +191,8 @@ def _is_turbo(entry: ModelEntry) -> bool:
     return with_config(variant_defaults(entry.variant or "base"), entry.config).is_turbo
 
 
-def _check_output(path: Path) -> None:
+def check_output(path: Path) -> None:
+    """The map's --output: a writable file path, not a folder, not named like a sample."""
     if path.is_dir():
         raise ConfigError(f"--output {path} is a folder; give a file path such as {path / 'fisher_map.json'}.")
     if path.suffix.lower() in (".pt", ".safetensors"):

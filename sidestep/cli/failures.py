@@ -16,8 +16,8 @@ from sidestep.errors import is_out_of_memory
 __all__ = ["describe", "DEBUG_HINT"]
 
 DEBUG_HINT = "set SIDESTEP_DEBUG=1 for the full traceback"
-_MEMORY_ADVICE = ("lower --max-latent-length or --batch-size, turn on --gradient-checkpointing, or use a smaller "
-                  "--precision")
+_MEMORY_ADVICE = ("turn on --gradient-checkpointing or use --precision bf16, and shorten what one step sees "
+                  "(train: --max-latent-length, --batch-size; preprocess: --max-duration)")
 
 
 def describe(err: BaseException) -> str | None:
@@ -82,8 +82,8 @@ def _is_linalg(err: BaseException) -> bool:
 def _is_write_failure(err: BaseException) -> bool:
     # torch.save and safetensors report a failed write as RuntimeError / SafetensorError, not OSError
     text = str(err)
-    return isinstance(err, Exception) and any(m in text for m in ("file write failed", "PytorchStreamWriter failed",
-                                                                   "StorageFull", "No space left"))
+    markers = ("file write failed", "PytorchStreamWriter failed", "inline_container", "StorageFull", "No space left")
+    return any(m in text for m in markers)
 
 
 def _first_line(err: BaseException) -> str:
