@@ -507,3 +507,29 @@ def test_os_error_at_the_boundary_and_sidestep_debug(monkeypatch, capsys, traine
     monkeypatch.setattr(sys, "argv", ["sidestep", *args])
     with pytest.raises(NotADirectoryError):  # the full traceback, for a bug report
         main()
+
+
+def test_ctrl_c_twice_while_the_checkpoint_is_written_still_completes_it(tiny, tmp_path, monkeypatch):
+    choice, dataset = tiny
+    runtime = resolve_runtime("cpu", "fp32", False)
+    real_save_file = saving.save_file
+
+    def second_ctrl_c_mid_write(*args, **kwargs):  # the user presses Ctrl-C again while the weights are written
+        signal.raise_signal(signal.SIGINT)
+        return real_save_file(*args, **kwargs)
+
+    def first_ctrl_c(optimizer, args, kwargs):
+        monkeypatch.setattr(saving, "save_file", second_ctrl_c_mid_write)
+        signal.raise_signal(signal.SIGINT)
+
+    handle = register_optimizer_step_post_hook(first_ctrl_c)
+    try:
+        with pytest.raises(Exception) as stopped:
+            train(TrainConfig(dataset, tmp_path / "out", rank=4, warmup_steps=0, save_every=0, max_steps=4), choice,
+                  runtime)
+    finally:
+        handle.remove()
+    assert "Interrupted at step 1" in str(stopped.value)
+    step1 = tmp_path / "out" / "checkpoints" / "step-1"
+    assert saving.load_training_state(step1)["step"] == 1 and saving.read_adapter_dir(step1).tensors
+    assert not [p for p in step1.parent.iterdir() if p.name.startswith(".")]  # no half-written folder beside it

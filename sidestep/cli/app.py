@@ -66,6 +66,12 @@ def main() -> None:
         output.console.quiet = False
         output.error("Interrupted; nothing half-written was left behind.")
         sys.exit(130)
+    except SystemExit as exited:
+        # Typer turns a Ctrl-C/SIGTERM outside our own handlers (model loading, a prompt) into a silent exit 130
+        if not peer and exited.code == 130 and isinstance(getattr(exited.__context__, "__cause__", None), KeyboardInterrupt):
+            output.console.quiet = False
+            output.error("Interrupted; nothing half-written was left behind.")
+        raise
     except Exception as err:
         message = describe(err)
         if message is None or debug:
