@@ -533,3 +533,44 @@ def test_ctrl_c_twice_while_the_checkpoint_is_written_still_completes_it(tiny, t
     step1 = tmp_path / "out" / "checkpoints" / "step-1"
     assert saving.load_training_state(step1)["step"] == 1 and saving.read_adapter_dir(step1).tensors
     assert not [p for p in step1.parent.iterdir() if p.name.startswith(".")]  # no half-written folder beside it
+
+
+# ---- user JSON that is nested absurdly deep or holds absurd numbers -------------------------------
+
+DEEP = "[" * 100000 + "]" * 100000
+HUGE = '{"a": ' + "9" * 5000 + "}"
+JSON_FILES = {
+    "settings-deep": ("settings", DEEP, "Settings file"),
+    "settings-huge-number": ("settings", HUGE, "Settings file"),
+    "model-config-deep": ("model-config", DEEP, "cannot read the model config"),
+    "dataset-json-deep": ("dataset-json", DEEP, "--dataset-json"),
+}
+
+
+@pytest.mark.parametrize("case", JSON_FILES, ids=list(JSON_FILES))
+def test_hostile_json_files_are_one_sentence(monkeypatch, capsys, tiny, tmp_path, case):
+    choice, dataset = tiny
+    where, text, needle = JSON_FILES[case]
+    root = tmp_path / "checkpoints"
+    shutil.copytree(choice.checkpoint_dir, root)
+    (tmp_path / "audio").mkdir()
+    target = {"settings": tmp_path / "config" / "settings.json",
+              "model-config": root / "acestep-v15-base" / "config.json",
+              "dataset-json": tmp_path / "meta.json"}[where]
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(text)
+    monkeypatch.setenv("SIDESTEP_CONFIG_DIR", str(tmp_path / "config"))
+    if where == "dataset-json":
+        (tmp_path / "audio" / "song.wav").write_bytes(b"RIFF")  # the JSON is read before any audio is decoded
+        args = ["preprocess", "--audio-dir", str(tmp_path / "audio"), "--output", str(tmp_path / "pt"),
+                "--dataset-json", str(target), "--checkpoint-dir", str(root), "--model", "base"]
+    elif where == "settings":
+        args = ["settings", "show"]
+    else:
+        args = ["train", "--dataset-dir", str(dataset), "--output-dir", str(tmp_path / "out"), "--checkpoint-dir",
+                str(root), "--model", "base", *FAST]
+    before = _snapshot(tmp_path)
+    code, _, err = _main(monkeypatch, capsys, *args)
+    _ends_in_one_error(code, err)  # preprocess first says what it is about to do
+    assert needle in err
+    assert _snapshot(tmp_path) == before

@@ -143,9 +143,9 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: cannot read the shard index ({err}).") from err
-        return [folder / name for name in sorted(set(weight_map.values()))]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+            raise CheckpointError(f"{index}: cannot read the shard index ({str(err)[:120]}).") from None
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]

@@ -122,8 +122,8 @@ def read_adapter_dir(path: Path) -> AdapterFiles:
         raise CheckpointError(f"{path} is not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}).")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{cfg_path}: cannot be read ({err}).") from err
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, a 5000-digit number
+        raise CheckpointError(f"{cfg_path}: cannot be read ({str(err)[:120] or 'nested too deeply'}).") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise CheckpointError(f"{cfg_path}: not a peft adapter config (no 'peft_type').")
     try:
