@@ -282,8 +282,8 @@ def read_map(path: Path) -> FisherMap:
         raise MapError(f"{path}: is not valid JSON ({err.msg} at line {err.lineno}); {_FIX}.") from None
     except RecursionError:
         raise MapError(f"{path}: is nested too deeply to be a map; {_FIX}.") from None
-    except ValueError as err:  # e.g. an integer with thousands of digits
-        raise MapError(f"{path}: is not a usable map ({str(err)[:80]}); {_FIX}.") from None
+    except ValueError:  # an integer with thousands of digits
+        raise MapError(f"{path}: holds a number too long to read; {_FIX}.") from None
     if _depth(data) > _MAX_DEPTH:
         raise MapError(f"{path}: is nested more than {_MAX_DEPTH} levels deep, which no map is; {_FIX}.")
     return from_json_dict(data, path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -142,7 +143,8 @@ def _candidates(folder: Path, pattern: str) -> list[Path]:
         try:
             path.name.encode("utf-8")
         except UnicodeEncodeError:
-            raise DatasetError(f"The file name {ascii(path.name)[1:-1]} in {folder} is not valid UTF-8; rename it "
+            shown = repr(os.fsencode(path.name))[2:-1]  # the raw bytes, e.g. bad\xff.pt
+            raise DatasetError(f"The file name {shown} in {folder} is not valid UTF-8; rename it "
                                "(or move it out of the folder).") from None
         found.append(path)
     return found
