@@ -574,3 +574,36 @@ def test_hostile_json_files_are_one_sentence(monkeypatch, capsys, tiny, tmp_path
     _ends_in_one_error(code, err)  # preprocess first says what it is about to do
     assert needle in err
     assert _snapshot(tmp_path) == before
+
+
+# ---- memory runs out in a training step ----------------------------------------------------------
+
+_OOM_RUN = """
+import resource, sys
+import torch
+from sidestep.cli.app import main
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (600 << 20), resource.RLIM_INFINITY))  # 600 MiB more than now
+sys.argv = ["sidestep", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to bound the address space")
+def test_running_out_of_memory_names_the_samples_and_the_flag(tiny, tmp_path):
+    choice, template = tiny
+    dataset = tmp_path / "dataset"
+    shutil.copytree(template, dataset)
+    frames = 20000  # attention over 10k tokens needs gigabytes: more than the process may take
+    torch.save({"target_latents": torch.randn(frames, 64), "attention_mask": torch.ones(frames),
+                "encoder_hidden_states": torch.randn(8, 32), "encoder_attention_mask": torch.ones(8, dtype=torch.bool),
+                "context_latents": torch.randn(frames, 128)}, dataset / "long.pt")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SIDESTEP_CONFIG_DIR": str(tmp_path / "config")}
+    done = subprocess.run([sys.executable, "-c", _OOM_RUN, "train", "--dataset-dir", str(dataset), "--output-dir",
+                           str(tmp_path / "out"), "--checkpoint-dir", str(choice.checkpoint_dir), "--model", "base",
+                           *FAST, "--max-steps", "2", "--batch-size", "3"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    _ends_in_one_error(done.returncode, done.stderr)
+    assert "Ran out of cpu memory at step 1" in done.stderr and "long" in done.stderr
+    assert "--max-latent-length" in done.stderr and not (tmp_path / "out" / "final").exists()
