@@ -42,8 +42,8 @@ from sidestep.data.metadata import (
     resolve_metadata,
 )
 from sidestep.distributed import current
-from sidestep.errors import AudioError, ConfigError, Interrupted
-from sidestep.fileio import atomic_path, check_output_dir, sha256_file
+from sidestep.errors import AudioError, ConfigError, Interrupted, SidestepError, is_out_of_memory
+from sidestep.fileio import atomic_path, check_output_dir, sha256_file, write_error_reason
 from sidestep.models.device import Runtime, resolve_runtime
 from sidestep.models.discovery import ModelEntry, find_model
 
@@ -254,11 +254,22 @@ class _Job:
         outputs: list[str] = []
         for c, chunk in enumerate(chunks):
             self.on_event(PreprocessEvent(Stage.ENCODE, index, total, source, 1 + 2 * c, steps))
-            sample = self._sample(encoders, chunk, meta, source, audio_sha, key, c, len(chunks))
+            try:
+                sample = self._sample(encoders, chunk, meta, source, audio_sha, key, c, len(chunks))
+            except (RuntimeError, MemoryError) as err:
+                if not is_out_of_memory(err):
+                    raise
+                seconds = chunk.samples.shape[-1] / chunk.sample_rate
+                raise SidestepError(f"Ran out of memory encoding {source} ({seconds:.0f} s of audio); pass "
+                                    "--max-duration (e.g. 120) to encode long songs in shorter chunks.") from err
             target = self.out_dir / _chunk_name(name, c, len(chunks))
-            with atomic_path(target) as tmp:
-                torch.save(sample, tmp)
-                self.on_event(PreprocessEvent(Stage.WRITE, index, total, source, 2 + 2 * c, steps))
+            try:
+                with atomic_path(target) as tmp:
+                    torch.save(sample, tmp)
+                    self.on_event(PreprocessEvent(Stage.WRITE, index, total, source, 2 + 2 * c, steps))
+            except (OSError, RuntimeError, SidestepError) as err:  # torch.save: RuntimeError on a full disk
+                raise SidestepError(f"Cannot write {target} ({write_error_reason(err)}); the files written before "
+                                    "are complete: free some space and rerun to continue.") from err
             outputs.append(target.name)
         _remove_stale(self.out_dir, name, source, set(outputs))
         return FileOutcome(source, Status.DONE, tuple(outputs), audio.duration, meta.source)
