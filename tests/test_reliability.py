@@ -24,14 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from sidestep.analysis.init_file import write_init
+from sidestep.analysis.init_file import INIT_FILENAME, write_init
 from sidestep.cli.app import main
 from sidestep.cli.failures import describe
 from sidestep.data import scan_dataset
 from sidestep.data.dataset import sample_files
 from sidestep.models import resolve_runtime
+from sidestep.models.loading import build_transformer
 from sidestep.training import saving
-from sidestep.training.config import TrainConfig
+from sidestep.training.adapters import flat_plan, module_shapes
+from sidestep.training.config import InitMode, TrainConfig
+from sidestep.training.grad_init import resolve_init
 from sidestep.training.run import train
 from train_support import tiny_setup
 
@@ -607,3 +610,15 @@ def test_running_out_of_memory_names_the_samples_and_the_flag(tiny, tmp_path):
     _ends_in_one_error(done.returncode, done.stderr)
     assert "Ran out of cpu memory at step 1" in done.stderr and "long" in done.stderr
     assert "--max-latent-length" in done.stderr and not (tmp_path / "out" / "final").exists()
+
+
+def test_an_init_file_larger_than_the_model_could_need_is_never_read(tiny, tmp_path):
+    choice, template = tiny
+    dataset = tmp_path / "dataset"
+    shutil.copytree(template, dataset)
+    with open(dataset / INIT_FILENAME, "wb") as fh:
+        fh.truncate(1 << 30)  # 1 GiB, sparse: reading it whole is what must not happen
+    config = TrainConfig(dataset, tmp_path / "out", rank=4, init="gradient")
+    plan = flat_plan(config, 2)
+    init = resolve_init(config, plan.ranks, module_shapes(build_transformer(choice.entry.config, "meta")))
+    assert init.mode is InitMode.DEFAULT and "more than any init file for this model can be" in init.notice
