@@ -147,7 +147,7 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
                 except (RuntimeError, MemoryError) as err:
                     if not is_out_of_memory(err):
                         raise
-                    raise _out_of_memory(batch, state.step + 1, cfg, rt) from err
+                    raise _out_of_memory(batch, state.step + 1, cfg, rt, ctx.order) from err
                 step_loss += float(loss.detach()) / cfg.grad_accum
 
             # ---- several processes: average gradients and loss (= DDP), so every decision below agrees
@@ -214,13 +214,14 @@ def check_loss(loss: float, grad_norm: float, state: LoopState, cfg: TrainConfig
     return None
 
 
-def _out_of_memory(batch: Batch, step: int, cfg: TrainConfig, rt: Runtime) -> SidestepError:
-    """Which samples and how long they were when memory ran out, and the flag that bounds it."""
+def _out_of_memory(batch: Batch, step: int, cfg: TrainConfig, rt: Runtime, order: SampleOrder) -> SidestepError:
+    """Which samples (and process) asked for the memory, how long they were, and the flag that bounds it."""
     names = ", ".join(batch.names[:3]) + (" …" if len(batch.names) > 3 else "")
     frames = int(batch.target_latents.shape[1])
     bound = (f"--max-latent-length {cfg.max_latent_length}" if cfg.max_latent_length is not None
              else "no --max-latent-length")
-    return SidestepError(f"Ran out of {rt.device.type} memory at step {step} on {names} ({frames} latent frames, "
+    where = f" in process {order.rank}" if order.world_size > 1 else ""
+    return SidestepError(f"Ran out of {rt.device.type} memory{where} at step {step} on {names} ({frames} latent frames, "
                          f"batch {batch.size}, {bound}); lower --max-latent-length (e.g. {max(16, frames // 2)}) or "
                          f"--batch-size, or turn on --gradient-checkpointing.")
 
