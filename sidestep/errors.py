@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "DefaultCPUAllocator")
+
 
 class SidestepError(Exception):
     """A user-facing error: bad input, missing file, incompatible map. Never a bug."""
@@ -37,3 +41,14 @@ class Interrupted(SidestepError):
 
 class TrainingDiverged(SidestepError):
     """The loss became NaN/Inf or blew up; the last good checkpoint was kept."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A torch allocator failure (CUDA, MPS or CPU) or Python's MemoryError: the one foreign error every layer
+    must recognise, to say which input asked for the memory."""
+    if isinstance(err, MemoryError):
+        return True
+    oom_type = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # torch is not imported for --help
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MARKERS)

@@ -11,9 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from sidestep.errors import SidestepError
+from sidestep.errors import ConfigError, SidestepError
+from sidestep.interrupts import deferred
 
-__all__ = ["sha256_file", "atomic_path", "write_json_atomic", "write_bytes_atomic", "backup_existing", "atomic_dir"]
+__all__ = ["sha256_file", "atomic_path", "write_json_atomic", "write_bytes_atomic", "backup_existing", "atomic_dir",
+           "write_error_reason", "check_output_dir"]
 
 
 @contextlib.contextmanager
@@ -71,10 +73,47 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
+    with deferred():  # a Ctrl-C between the two renames would leave neither the old folder nor the new one
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_error_reason(err: BaseException) -> str:
+    """Why a write failed, in a few words; torch.save and safetensors report a full disk as RuntimeError."""
+    if isinstance(err, SidestepError) and isinstance(err.__cause__, OSError):  # atomic_path's own sentence
+        err = err.__cause__
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if code == errno.ENOSPC or "No space left" in text or "StorageFull" in text or "code: 28" in text:
+        return "the disk is full"
+    if code in (errno.EACCES, errno.EPERM) or "PermissionDenied" in text:
+        return "permission denied"
+    if code == errno.EROFS:
+        return "the file system is read-only"
+    if any(m in text for m in ("file write failed", "PytorchStreamWriter failed", "inline_container", "unexpected pos")):
+        return "the file could not be written; is the disk full?"
+    if isinstance(err, SidestepError):
+        return text.rstrip(".")
+    lines = text.strip().splitlines()
+    return (lines[0][:160] if lines else type(err).__name__).rstrip(".")
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be written, before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder; choose a folder.")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{flag} {path}: {probe} is a file, so no folder can be made under it; choose another path.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: the folder {probe} is not writable; choose a folder you can write to.")
 
 
 def _fsync(path: Path) -> None:

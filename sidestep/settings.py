@@ -272,6 +272,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise SettingsError(f"Settings file {path} is not valid JSON (line {err.lineno}); {_FIX}.") from None
+    except (ValueError, RecursionError):  # nested a thousand deep, or a number of thousands of digits
+        raise SettingsError(f"Settings file {path} is not usable JSON (too deeply nested or too large a number); {_FIX}.") from None
     if not isinstance(data, dict):
         raise SettingsError(f"Settings file {path} must hold a JSON object, not {type(data).__name__}; {_FIX}.")
     version = data.pop("version", FILE_VERSION)

@@ -8,6 +8,7 @@ versions 1 to 3 and keep unknown fields in `FisherMap.extra`; the writer always 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +32,8 @@ ADVISED_LR = "5e-5"
 LR_ADVICE = ("Preprocessing++ adapts strongly and can overfit sooner: train with a lower learning rate "
              f"(e.g. --lr {ADVISED_LR} instead of 1e-4) and check samples early.")
 _FIX = "delete it or pass --ignore-fisher-map"
+_MAX_DEPTH = 16  # the map's own structure nests 4 deep; unknown extra fields get some room
+_MAX_RANK = 1 << 16  # wider than any ACE-Step module; checked against the real module shapes at training time
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,13 @@ def write_map(fmap: FisherMap, path: Path) -> Path | None:
     return backup
 
 
+def _finite_positive(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _module_json(entry: ModuleEntry) -> dict[str, Any]:
     out = {
         "name": DECODER_PREFIX + entry.name,  # the reference's form
@@ -275,7 +285,25 @@ def read_map(path: Path) -> FisherMap:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise MapError(f"{path}: is not valid JSON ({err.msg} at line {err.lineno}); {_FIX}.") from None
+    except RecursionError:
+        raise MapError(f"{path}: is nested too deeply to be a map; {_FIX}.") from None
+    except ValueError:  # an integer with thousands of digits
+        raise MapError(f"{path}: holds a number too long to read; {_FIX}.") from None
+    if _depth(data) > _MAX_DEPTH:
+        raise MapError(f"{path}: is nested more than {_MAX_DEPTH} levels deep, which no map is; {_FIX}.")
     return from_json_dict(data, path)
+
+
+def _depth(data: Any) -> int:
+    """How deeply lists and objects nest (iterative: a hostile file must not exhaust the stack)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= _MAX_DEPTH:
+                stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def from_json_dict(data: Any, source: Path) -> FisherMap:
@@ -310,7 +338,7 @@ def from_json_dict(data: Any, source: Path) -> FisherMap:
         tool=r.nested(data, "tool", ToolInfo),
         convergence=r.convergence(data),
         low_confidence_modules=tuple(r.names(data, "low_confidence_modules")),
-        init=r.nested(data, "init", InitRef),
+        init=r.init_ref(data),
         extra={key: value for key, value in data.items() if key not in _KNOWN},
     )
 
@@ -385,11 +413,12 @@ class _Reader:
         ranks = {self.name(k, "rank_pattern"): v for k, v in self.typed(data, "rank_pattern", dict, {}).items()}
         alphas = {self.name(k, "alpha_pattern"): v for k, v in self.typed(data, "alpha_pattern", dict, {}).items()}
         for name, rank in ranks.items():
-            if not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0):
-                raise self.fail(f"rank_pattern gives {name} the rank {json.dumps(rank)}, not a positive integer")
+            if not (isinstance(rank, int) and not isinstance(rank, bool) and 0 < rank <= _MAX_RANK):
+                raise self.fail(f"rank_pattern gives {name} the rank {json.dumps(rank)[:40]}, not a positive integer "
+                                f"up to {_MAX_RANK}")
         for name, alpha in alphas.items():
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-                raise self.fail(f"alpha_pattern gives {name} the alpha {json.dumps(alpha)}, not a positive number")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not _finite_positive(alpha):
+                raise self.fail(f"alpha_pattern gives {name} the alpha {json.dumps(alpha)[:40]}, not a positive number")
         if set(ranks) != set(alphas):
             odd = sorted(set(ranks) ^ set(alphas), key=module_sort_key)[0]
             raise self.fail(f"rank_pattern and alpha_pattern list different modules (e.g. {odd})")
@@ -410,6 +439,14 @@ class _Reader:
             assigned_rank=rank,
             data_rank=self.typed(entry, "data_rank", int, None, where=f"modules[{name}].data_rank"),
         )
+
+    def init_ref(self, data: Mapping[str, Any]) -> InitRef | None:
+        """`init`: its file must be a plain name beside the map, never a path out of the dataset folder."""
+        ref = self.nested(data, "init", InitRef)
+        if ref is not None and (not ref.file or ref.file in (".", "..") or "/" in ref.file or "\\" in ref.file
+                                or ":" in ref.file or "\0" in ref.file):
+            raise self.fail(f"'init.file' is {ref.file[:60]!r}, but it must name a file beside the map")
+        return ref
 
     def timestep_range(self, data: Mapping[str, Any]) -> tuple[float, float]:
         pair = self.typed(data, "timestep_range", list, [0.0, 1.0])

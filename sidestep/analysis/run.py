@@ -47,7 +47,7 @@ from sidestep.fileio import write_bytes_atomic
 from sidestep.models import LoadedModel, ModelEntry, Runtime, load_model
 from sidestep.models.select import ModelChoice
 
-__all__ = ["AnalysisOutcome", "analyze_dataset", "build_map", "preflight"]
+__all__ = ["AnalysisOutcome", "analyze_dataset", "build_map", "check_output", "preflight"]
 
 SMALL_DATASET = 5
 # Below this share of the total need in the top 10% of modules the need counts as spread evenly (uniform: 0.10).
@@ -86,7 +86,7 @@ def preflight(config: AnalysisConfig, entry: ModelEntry) -> tuple[DatasetScan, l
                 f"or analyse a base model."
             )
         warnings.append(f"{entry.name} is a turbo model: {LR_ADVICE} If a turbo run collapses, {_TURBO_FIX}.")
-    _check_output(config.output_path)
+    check_output(config.output_path)
     scan = scan_dataset(config.dataset_dir, DatasetSpec.from_model_config(entry.config), config.skip_bad)
     warnings.extend(f"Skipped {problem}" for problem in scan.problems)
     if len(scan.files) < SMALL_DATASET:
@@ -246,9 +246,12 @@ def _is_main_process() -> bool:
     return current().is_main
 
 
-def _check_output(path: Path) -> None:
+def check_output(path: Path) -> None:
+    """The map's --output: a writable file path, not a folder, not named like a sample."""
     if path.is_dir():
         raise ConfigError(f"--output {path} is a folder; give a file path such as {path / 'fisher_map.json'}.")
+    if path.suffix.lower() in (".pt", ".safetensors"):
+        raise ConfigError(f"--output {path}: a map named like a sample file would be read as one; use a .json name.")
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError(f"--output {path}: the folder {folder} does not exist.")
@@ -280,7 +283,7 @@ def _save(config: AnalysisConfig, outcome: AnalysisOutcome,
     warnings = list(outcome.warnings)
     try:
         png = render_png(outcome.map, outcome.result)
-    except (ValueError, RuntimeError, OSError) as err:  # a broken plotting backend must not lose the map
+    except Exception as err:  # noqa: BLE001 - the picture is optional: no plotting failure may cost the map
         png = None
         warnings.append(f"The heatmap could not be drawn ({err}); the map is saved without it.")
         if on_warning is not None:

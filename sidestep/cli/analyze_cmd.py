@@ -76,7 +76,7 @@ def analyze(
     """Preprocessing++: find the modules that react to your data, give them adaptive ranks, write fisher_map.json."""
     from sidestep.analysis.config import AnalysisConfig  # imports torch: keep `sidestep --help` fast
     from sidestep.analysis.fisher_map import LR_ADVICE
-    from sidestep.analysis.run import analyze_dataset
+    from sidestep.analysis.run import analyze_dataset, check_output
     from sidestep.data.dataset import sample_files
     from sidestep.models.select import choose_model, choose_runtime
 
@@ -89,6 +89,7 @@ def analyze(
         weight_rank=weight_rank, allow_turbo=allow_turbo, skip_bad=skip_bad, write_init=not no_init,
     )
     sample_files(config.dataset_dir)  # a missing or empty folder is the first thing to hear about
+    check_output(config.output_path)  # and a map that could not be written, before any model loads
     if not yes and not sys.stdin.isatty():
         raise ConfigError("Cannot ask whether to save fisher_map.json because stdin is not a terminal; pass --yes.")
     choice = choose_model(checkpoint_dir, model, base_variant)

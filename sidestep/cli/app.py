@@ -1,4 +1,5 @@
-"""Builds the Typer app and runs it, turning every SidestepError into one red line and exit code 1."""
+"""Builds the Typer app and runs it, turning every SidestepError (and every foreign failure a user can cause,
+see failures.py) into one red line and exit code 1; SIDESTEP_DEBUG=1 shows the traceback instead."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import typer
 
 from sidestep.cli import output
+from sidestep.cli.failures import DEBUG_HINT, describe
 from sidestep.errors import Interrupted, SidestepError, TrainingDiverged
 
 app = typer.Typer(
@@ -38,7 +40,10 @@ _register_commands()
 
 def main() -> None:
     from sidestep import distributed  # torchrun / accelerate launch: join the group; one process: no-op
+    from sidestep.interrupts import install_sigterm
 
+    install_sigterm()  # a `kill` stops like Ctrl-C: training saves a resumable checkpoint
+    debug = os.environ.get("SIDESTEP_DEBUG") == "1"
     peer = False
     try:
         with distributed.session() as dist:
@@ -48,7 +53,7 @@ def main() -> None:
                 sys.stdout = open(os.devnull, "w")
             app()
     except SidestepError as err:
-        if os.environ.get("SIDESTEP_DEBUG") == "1":
+        if debug:
             raise
         output.console.quiet = False
         # Process 0 already printed the sentence of a failure it shared, of a Ctrl-C that reached all, or of a
@@ -61,3 +66,16 @@ def main() -> None:
         output.console.quiet = False
         output.error("Interrupted; nothing half-written was left behind.")
         sys.exit(130)
+    except SystemExit as exited:
+        # Typer turns a Ctrl-C/SIGTERM outside our own handlers (model loading, a prompt) into a silent exit 130
+        if not peer and exited.code == 130 and isinstance(getattr(exited.__context__, "__cause__", None), KeyboardInterrupt):
+            output.console.quiet = False
+            output.error("Interrupted; nothing half-written was left behind.")
+        raise
+    except Exception as err:
+        message = describe(err)
+        if message is None or debug:
+            raise  # a bug: the traceback is what to report
+        output.console.quiet = False
+        output.error(f"{message.rstrip('.')} ({DEBUG_HINT}).")
+        sys.exit(1)

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False)
@@ -21,7 +22,8 @@ def warn(message: str) -> None:
 
 
 def error(message: str) -> None:
-    console.print(f"[bold red]Error:[/] {message}")
+    # escaped: a file name or a foreign message may hold "[...]", which rich would read as markup
+    console.print(f"[bold red]Error:[/] {escape(message)}")
 
 
 def success(message: str) -> None:

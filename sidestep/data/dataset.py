@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -23,6 +24,7 @@ __all__ = [
     "Sample",
     "Batch",
     "DatasetScan",
+    "EmptySample",
     "load_pt",
     "load_sample",
     "scan_dataset",
@@ -35,6 +37,13 @@ __all__ = [
 REQUIRED_KEYS = ("target_latents", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "context_latents")
 _FLOAT_KEYS = ("target_latents", "encoder_hidden_states", "context_latents")
 _IGNORED_SUFFIXES = (".tmp.pt", ".partial")
+_MASK_KEYS = ("attention_mask", "encoder_attention_mask")
+# VAE latents stay within tens and encoder states within hundreds; beyond these a file is broken (fp16 tops out at 65504)
+_MAX_ABS = {"target_latents": 1e4, "context_latents": 1e4, "encoder_hidden_states": 6e4}
+
+
+class EmptySample(DatasetError):
+    """A readable sample whose attention mask is all zero: skipped with a warning, never trained on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +119,44 @@ class DatasetScan:
 
 
 def sample_files(folder: Path) -> list[Path]:
-    """The sample files of a folder, sorted; a `.safetensors` twin is used only when no `.pt` exists."""
+    """The sample files of a folder, sorted; a `.safetensors` twin is used only when no `.pt` exists.
+
+    Dot-files (macOS `._x.pt`, our own `.x.partial` temp files) and the init bases analysis writes are not samples.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"Dataset folder {folder} does not exist or is not a folder.")
-    pts = {p.stem: p for p in folder.glob("*.pt") if not p.name.endswith(_IGNORED_SUFFIXES)}
-    for twin in folder.glob("*.safetensors"):
-        if twin.stem not in pts and not twin.name.startswith("fisher_init"):
+    pts = {p.stem: p for p in _candidates(folder, "*.pt") if not p.name.endswith(_IGNORED_SUFFIXES)}
+    for twin in _candidates(folder, "*.safetensors"):
+        if twin.stem not in pts and not twin.name.startswith("fisher_init") and not _is_init_file(twin):
             pts[twin.stem] = twin
     if not pts:
         raise DatasetError(f"Dataset folder {folder} has no .pt files; run `sidestep preprocess` first.")
     return [pts[k] for k in sorted(pts)]
+
+
+def _candidates(folder: Path, pattern: str) -> list[Path]:
+    found = []
+    for path in folder.glob(pattern):
+        if path.name.startswith("."):
+            continue
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = repr(os.fsencode(path.name))[2:-1]  # the raw bytes, e.g. bad\xff.pt
+            raise DatasetError(f"The file name {shown} in {folder} is not valid UTF-8; rename it "
+                               "(or move it out of the folder).") from None
+        found.append(path)
+    return found
+
+
+def _is_init_file(path: Path) -> bool:
+    """The gradient-init bases of `sidestep analyze --output NAME.json` (NAME_init.safetensors), by their header."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return "sidestep" in (handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return False  # an unreadable twin is reported when it is read as a sample
 
 
 def load_pt(path: Path, unreadable: Callable[[Exception], SidestepError], mmap: bool = False) -> Any:
@@ -139,7 +175,11 @@ def _read_raw(path: Path) -> dict[str, Any]:
                 header = handle.metadata() or {}
         except (SafetensorError, OSError) as err:
             raise DatasetError(f"{path.name}: cannot read this .safetensors file ({err}).") from err
-        raw["metadata"] = json.loads(header["metadata"]) if "metadata" in header else {}
+        try:
+            raw["metadata"] = json.loads(header["metadata"]) if "metadata" in header else {}
+        except (ValueError, RecursionError) as err:
+            raise DatasetError(f"{path.name}: its 'metadata' header is not valid JSON ({str(err)[:80]}); "
+                               "rerun `sidestep preprocess` for it.") from None
         return raw
     def unreadable(err: Exception) -> DatasetError:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
@@ -180,6 +220,16 @@ def _check_shapes(name: str, raw: dict[str, Any], spec: DatasetSpec) -> None:
             raise DatasetError(f"{name}: {key!r} has dtype {raw[key].dtype}, expected a floating-point tensor.")
         if not torch.isfinite(raw[key]).all():
             raise DatasetError(f"{name}: {key!r} contains NaN or Inf values.")
+        peak = float(raw[key].abs().max()) if raw[key].numel() else 0.0
+        if peak > _MAX_ABS[key]:
+            raise DatasetError(f"{name}: {key!r} reaches {peak:.3g}, far beyond what preprocessing produces "
+                               f"(|x| < {_MAX_ABS[key]:g}); rerun `sidestep preprocess` for it.")
+    for key in _MASK_KEYS:
+        mask = raw[key]
+        if mask.is_floating_point() and not torch.isfinite(mask).all():
+            raise DatasetError(f"{name}: {key!r} contains NaN or Inf values.")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise DatasetError(f"{name}: {key!r} holds values other than 0 and 1.")
     if lat.shape[1] != spec.latent_dim:
         raise DatasetError(f"{name}: 'target_latents' is {lat.shape[1]} wide, expected {spec.latent_dim}.")
     if ctx.shape[1] != spec.context_dim:
@@ -195,6 +245,11 @@ def _check_shapes(name: str, raw: dict[str, Any], spec: DatasetSpec) -> None:
     if raw["encoder_attention_mask"].shape[0] != enc.shape[0]:
         raise DatasetError(f"{name}: encoder_hidden_states has {enc.shape[0]} rows but encoder_attention_mask "
                            f"{raw['encoder_attention_mask'].shape[0]}.")
+    if enc.shape[0] == 0 or not bool(raw["encoder_attention_mask"].any()):
+        raise DatasetError(f"{name}: the condition is empty ('encoder_hidden_states' has no unmasked rows); "
+                           "rerun `sidestep preprocess` for it.")
+    if not bool(raw["attention_mask"].any()):
+        raise EmptySample(f"{name}: 'attention_mask' is all zero, so it has nothing to learn from.")
 
 
 def scan_dataset(folder: Path, spec: DatasetSpec = DatasetSpec(), skip_bad: bool = False) -> DatasetScan:
@@ -211,7 +266,7 @@ def scan_dataset(folder: Path, spec: DatasetSpec = DatasetSpec(), skip_bad: bool
                 first_width, first_name = next(iter(widths.items()))
                 raise DatasetError(f"{path.name}: 'encoder_hidden_states' is {width} wide but {first_name} is {first_width}.")
         except DatasetError as err:
-            if not skip_bad:
+            if not skip_bad and not isinstance(err, EmptySample):
                 raise
             problems.append(str(err))
             continue
@@ -219,7 +274,8 @@ def scan_dataset(folder: Path, spec: DatasetSpec = DatasetSpec(), skip_bad: bool
         frames += sample.length
         good.append(path)
     if not good:
-        raise DatasetError(f"Dataset folder {folder} has no usable samples ({len(problems)} bad files were skipped).")
+        raise DatasetError(f"Dataset folder {folder} has no usable samples ({len(problems)} bad files were skipped, "
+                           f"e.g. {problems[0].rstrip('.')}).")
     return DatasetScan(Path(folder), tuple(good), tuple(problems), next(iter(widths)), frames)
 
 
@@ -246,7 +302,7 @@ def dataset_hash(folder: Path) -> str:
     """The reference tool's fingerprint: md5 of sorted `name:size` of the `.pt` files joined by '|', 12 hex chars."""
     files = sorted(p for p in Path(folder).glob("*.pt") if not p.name.endswith(_IGNORED_SUFFIXES))
     text = "|".join(f"{p.name}:{p.stat().st_size}" for p in files)
-    return hashlib.md5(text.encode("utf-8")).hexdigest()[:12]
+    return hashlib.md5(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def content_hash(files: Iterable[Path]) -> str:

@@ -294,7 +294,7 @@ def _read_tensors(folder: Path, stem: str, rename: Any) -> dict[str, torch.Tenso
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = sorted({folder / name for name in weight_map.values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
             raise CheckpointError(f"{index}: cannot read the shard index ({err}).") from err
     elif (folder / f"{stem}.safetensors").is_file():
         files = [folder / f"{stem}.safetensors"]

@@ -37,6 +37,7 @@ _NAME_KEYS = ("audio_path", "filename", "file", "path")
 _ALIASES = {"key": "keyscale", "key_scale": "keyscale", "time_signature": "timesignature",
             "instrumental": "is_instrumental", "vocal_language": "language", "prompt": "caption"}
 _UNKNOWN = ("n/a", "na", "none", "unknown", "null", "")
+_MAX_BPM = 1000
 
 
 class MetadataSource(str, Enum):
@@ -94,8 +95,8 @@ def read_dataset_json(path: Path) -> DatasetJson:
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--dataset-json {path}: cannot read it as JSON ({err}).") from err
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, a 5000-digit number
+        raise ConfigError(f"--dataset-json {path}: cannot read it as JSON ({str(err)[:120] or 'nested too deeply'}).") from None
     items: list[tuple[str, Any]]
     if isinstance(raw, dict) and isinstance(raw.get("samples"), list):
         raw = raw["samples"]
@@ -167,8 +168,8 @@ def _read_sidecars(audio: Path) -> TrackMeta:
     if json_path.is_file():
         try:
             raw = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{json_path}: cannot read this sidecar as JSON ({err}).") from err
+        except (OSError, ValueError, RecursionError) as err:
+            raise ConfigError(f"{json_path}: cannot read this sidecar as JSON ({str(err)[:120] or 'nested too deeply'}).") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{json_path}: a sidecar must be a JSON object.")
         meta = _parse_fields(raw, str(json_path))
@@ -204,8 +205,10 @@ def _convert(field: str, value: Any, where: str) -> Any:
             return None
         try:
             bpm = round(float(value))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: bpm {value!r} is not a number.") from None
+        except (TypeError, ValueError, OverflowError):  # NaN and Inf cannot be rounded
+            raise ConfigError(f"{where}: bpm {str(value)[:40]!r} is not a number (a finite tempo such as 120).") from None
+        if bpm > _MAX_BPM:
+            raise ConfigError(f"{where}: bpm {bpm} is not a tempo (at most {_MAX_BPM}).")
         return bpm if bpm > 0 else None
     if field == "is_instrumental":
         if isinstance(value, bool):

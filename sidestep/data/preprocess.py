@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -41,8 +42,8 @@ from sidestep.data.metadata import (
     resolve_metadata,
 )
 from sidestep.distributed import all_gather_objects, current
-from sidestep.errors import AudioError, ConfigError, Interrupted
-from sidestep.fileio import atomic_path, sha256_file
+from sidestep.errors import AudioError, ConfigError, Interrupted, SidestepError, is_out_of_memory
+from sidestep.fileio import atomic_path, check_output_dir, sha256_file, write_error_reason
 from sidestep.models.device import Runtime, resolve_runtime
 from sidestep.models.discovery import ModelEntry, find_model
 
@@ -76,8 +77,11 @@ class PreprocessConfig:
             raise ConfigError(f"--audio-dir {self.audio_dir} does not exist or is not a folder.")
         if self.dataset_json is not None and not Path(self.dataset_json).is_file():
             raise ConfigError(f"--dataset-json {self.dataset_json} does not exist.")
+        if self.max_duration is not None and not math.isfinite(self.max_duration):
+            raise ConfigError(f"--max-duration {self.max_duration} is not a number of seconds; give e.g. 240.")
         if self.max_duration is not None and self.max_duration < 1.0:
             raise ConfigError(f"--max-duration {self.max_duration} is too short; use at least 1 second.")
+        check_output_dir(Path(self.output_dir), "--output")
         if self.tile_seconds <= 2 * self.overlap_seconds or self.overlap_seconds < 0:
             raise ConfigError(f"VAE tile {self.tile_seconds} s must exceed twice its overlap {self.overlap_seconds} s.")
 
@@ -255,11 +259,22 @@ class _Job:
         outputs: list[str] = []
         for c, chunk in enumerate(chunks):
             self.on_event(PreprocessEvent(Stage.ENCODE, index, total, source, 1 + 2 * c, steps))
-            sample = self._sample(encoders, chunk, meta, source, audio_sha, key, c, len(chunks))
+            try:
+                sample = self._sample(encoders, chunk, meta, source, audio_sha, key, c, len(chunks))
+            except (RuntimeError, MemoryError) as err:
+                if not is_out_of_memory(err):
+                    raise
+                seconds = chunk.samples.shape[-1] / chunk.sample_rate
+                raise SidestepError(f"Ran out of memory encoding {source} ({seconds:.0f} s of audio); pass "
+                                    "--max-duration (e.g. 120) to encode long songs in shorter chunks.") from err
             target = self.out_dir / _chunk_name(name, c, len(chunks))
-            with atomic_path(target) as tmp:
-                torch.save(sample, tmp)
-                self.on_event(PreprocessEvent(Stage.WRITE, index, total, source, 2 + 2 * c, steps))
+            try:
+                with atomic_path(target) as tmp:
+                    torch.save(sample, tmp)
+                    self.on_event(PreprocessEvent(Stage.WRITE, index, total, source, 2 + 2 * c, steps))
+            except (OSError, RuntimeError, SidestepError) as err:  # torch.save: RuntimeError on a full disk
+                raise SidestepError(f"Cannot write {target} ({write_error_reason(err)}); the files written before "
+                                    "are complete: free some space and rerun to continue.") from err
             outputs.append(target.name)
         _remove_stale(self.out_dir, name, source, set(outputs))
         return FileOutcome(source, Status.DONE, tuple(outputs), audio.duration, meta.source)

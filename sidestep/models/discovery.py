@@ -11,7 +11,7 @@ from typing import Any
 from sidestep.errors import CheckpointError, ConfigError
 from sidestep.models.variants import VARIANTS, Variant, folder_for, resolve_variant, variant_from_folder
 
-__all__ = ["Layout", "ModelEntry", "discover_models", "find_model", "read_config"]
+__all__ = ["Layout", "ModelEntry", "check_config", "discover_models", "find_model", "read_config"]
 
 # Folders that sit beside the models in a checkpoint root and are never DiTs.
 _SKIP_PREFIXES = ("vae", "qwen", "acestep-5hz", ".", "__")
@@ -56,8 +56,8 @@ def read_config(path: Path) -> dict[str, Any]:
     """Read a config.json, as a CheckpointError naming the file when it is unreadable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read the model config ({err}).") from err
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
+        raise CheckpointError(f"{path}: cannot read the model config ({str(err)[:120] or type(err).__name__}).") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: the model config is not a JSON object.")
     return data
@@ -126,4 +126,44 @@ def find_model(root: Path, model: str, base_variant: str | None = None) -> Model
             f"{entry.name} is a fine-tune whose parent variant is unknown; pass --base-variant "
             f"(one of {', '.join(VARIANTS)}) or add \"base_variant\" to its config.json."
         )
+    check_config(entry.config, entry.transformer_dir / "config.json")
     return entry
+
+
+# The counts and widths of the DiT a config.json describes, with a bound no real model comes near: a hostile or
+# mistyped file must fail here, in one sentence, not while building the model or allocating its weights.
+_SIZES = {"hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+          "num_key_value_heads": 1024, "head_dim": 4096, "in_channels": 1 << 14, "audio_acoustic_hidden_dim": 1 << 13,
+          "patch_size": 64}
+_OPTIONAL_SIZES = {"encoder_hidden_size": 1 << 16, "sliding_window": 1 << 24}
+
+
+def check_config(cfg: dict[str, Any], path: Path) -> None:
+    """The architecture numbers of a DiT config.json: whole, positive, bounded and consistent."""
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; fix the file or use another model folder.")
+
+    for key, bound in (_SIZES | _OPTIONAL_SIZES).items():
+        value = cfg.get(key)
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if key == "head_dim" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"'{key}' is {json.dumps(value)[:40]}, not a whole number")
+        if not 0 < value <= bound:
+            raise fail(f"'{key}' is {str(value)[:40]}, outside 1..{bound}")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise fail(f"'num_attention_heads' {cfg['num_attention_heads']} is not a multiple of 'num_key_value_heads' "
+                   f"{cfg['num_key_value_heads']}")
+    if cfg["in_channels"] <= cfg["audio_acoustic_hidden_dim"]:
+        raise fail(f"'in_channels' {cfg['in_channels']} must exceed 'audio_acoustic_hidden_dim' "
+                   f"{cfg['audio_acoustic_hidden_dim']}")
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != cfg["num_hidden_layers"]):
+        raise fail(f"'layer_types' must list one type for each of the {cfg['num_hidden_layers']} layers")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < float("inf")):
+            raise fail(f"'{key}' is {json.dumps(value)[:40]}, not a finite positive number")

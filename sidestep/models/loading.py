@@ -50,6 +50,7 @@ def build_transformer(config: dict[str, Any], device: str | torch.device = "meta
 def load_model(entry: ModelEntry, runtime: Runtime) -> LoadedModel:
     """Read the decoder weights of `entry`, shard by shard, into a frozen transformer on `runtime.device`."""
     model = build_transformer(entry.config)
+    _check_shapes(entry, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     expected = set(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     null_emb: torch.Tensor | None = None
@@ -70,7 +71,11 @@ def load_model(entry: ModelEntry, runtime: Runtime) -> LoadedModel:
         elif target in state:
             raise CheckpointError(f"{entry.path}: key {key!r} maps onto {target!r}, which another key already filled.")
         else:
-            state[target] = _cast(loader(), runtime)
+            tensor = _cast(loader(), runtime)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{entry.path}: the weight {key} holds NaN or Inf values (a damaged or "
+                                      f"diverged checkpoint, or values beyond {runtime.precision}); use another model.")
+            state[target] = tensor
     _check_keys(entry, expected, state, unknown)
     model.load_state_dict(state, strict=True, assign=True)
     if null_emb is None and entry.layout is Layout.DIFFUSERS:
@@ -86,6 +91,38 @@ def load_model(entry: ModelEntry, runtime: Runtime) -> LoadedModel:
 def _cast(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     dtype = runtime.dtype if tensor.is_floating_point() else tensor.dtype
     return tensor.to(device=runtime.device, dtype=dtype)
+
+
+def _check_shapes(entry: ModelEntry, expected: dict[str, tuple[int, ...]]) -> None:
+    """Compare the weights' shapes (read from the file headers only) with the config's model, before any allocation."""
+    found: dict[str, None] = {}
+    unknown: list[str] = []
+    for key, shape in _iter_shapes(entry):
+        if key == NULL_CONDITION_KEY:
+            continue
+        target = original_key_to_diffusers(key) if entry.layout is Layout.ORIGINAL else key
+        if target is None:  # encoder.*, tokenizer.*: not the DiT
+            continue
+        want = expected.get(target)
+        if want is None:
+            unknown.append(key)
+        elif shape != want:
+            raise CheckpointError(
+                f"{entry.path}: config.json describes {key} as {list(want)} but the weights hold {list(shape)}; the "
+                f"config does not belong to these weights (check hidden_size, heads, intermediate_size, layers).")
+        found[target] = None
+    _check_keys(entry, set(expected), found, unknown)
+
+
+def _iter_shapes(entry: ModelEntry) -> Iterator[tuple[str, tuple[int, ...]]]:
+    stem = "diffusion_pytorch_model" if entry.layout is Layout.DIFFUSERS else "model"
+    for path in _weight_files(entry.transformer_dir, stem):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                shapes = [(key, tuple(handle.get_slice(key).get_shape())) for key in handle.keys()]
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: cannot read the weights ({err}).") from err
+        yield from shapes
 
 
 def _check_keys(entry: ModelEntry, expected: set[str], state: dict, unknown: list[str]) -> None:
@@ -106,9 +143,9 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: cannot read the shard index ({err}).") from err
-        return [folder / name for name in sorted(set(weight_map.values()))]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+            raise CheckpointError(f"{index}: cannot read the shard index ({str(err)[:120]}).") from None
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]

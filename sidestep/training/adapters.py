@@ -9,6 +9,7 @@ boundary, so full paths such as `layers.1.self_attn.to_q` never touch `layers.11
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from sidestep.training.config import TARGET_GROUPS, AdapterKind, InitMode, Train
 from sidestep.training.grad_init import InitPlan, apply_gradient_init
 
 __all__ = ["AdapterPlan", "MapSummary", "plan_adapter", "flat_plan", "map_plan", "map_warnings", "resolve_targets",
-           "peft_config", "attach_adapter", "module_shapes", "summarize", "ADAPTER_PARAM_MARKERS"]
+           "peft_config", "attach_adapter", "module_shapes", "summarize", "check_plan_fits", "ADAPTER_PARAM_MARKERS"]
 
 Naming = Literal["diffusers", "original"]
 # Substrings that mark a parameter as part of an adapter (LoRA/DoRA, LoHa, LoKr).
@@ -205,6 +206,22 @@ def module_shapes(transformer: torch.nn.Module) -> dict[str, ModuleShape]:
         mod = getattr(mod, "base_layer", mod)
         out[name] = ModuleShape(name, int(mod.in_features), int(mod.out_features))
     return out
+
+
+def check_plan_fits(plan: AdapterPlan, shapes: dict[str, ModuleShape]) -> None:
+    """A map's modules must exist in this model, each rank at most min(in, out) and each alpha a finite positive number."""
+    source = plan.map_path or Path(MAP_FILENAME)
+    fix = "rerun `sidestep analyze` for this model or pass --ignore-fisher-map"
+    for name in plan.modules:
+        shape = shapes.get(name)
+        if shape is None:
+            raise MapError(f"{source}: adapts {name}, which this model does not have; {fix}.")
+        rank, alpha = plan.ranks[name], plan.alphas[name]
+        if not 0 < rank <= min(shape.in_features, shape.out_features):
+            raise MapError(f"{source}: gives {name} the rank {rank}, but that module is {shape.in_features}x"
+                           f"{shape.out_features} (rank at most {min(shape.in_features, shape.out_features)}); {fix}.")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise MapError(f"{source}: gives {name} the alpha {alpha}, not a finite positive number; {fix}.")
 
 
 def summarize(plan: AdapterPlan, shapes: dict[str, ModuleShape], trainable_params: int, flat_rank: int) -> MapSummary:

@@ -128,7 +128,12 @@ def _from_peft(files: saving.AdapterFiles, src: Path) -> LoraAdapter:
 def _from_diffusers(tensors: dict[str, torch.Tensor], header: dict[str, str], src: Path) -> LoraAdapter:
     raw = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in tensors.items() if k.startswith(DIFFUSERS_PREFIX)}
     down_d, up_d = _pairs(raw, ("lora_A", "lora_B"), src)
-    meta = json.loads(header[_METADATA_KEY]) if _METADATA_KEY in header else {}
+    try:
+        meta = json.loads(header[_METADATA_KEY]) if _METADATA_KEY in header else {}
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{src}: its '{_METADATA_KEY}' header is not valid JSON.") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{src}: its '{_METADATA_KEY}' header is not a JSON object.")
     cfg = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in meta.items() if k.startswith(DIFFUSERS_PREFIX)}
     alphas_d = _alphas(cfg, list(down_d)) if cfg else {n: float(a.shape[0]) for n, a in down_d.items()}
     name = diffusers_to_original

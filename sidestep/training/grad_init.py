@@ -69,7 +69,7 @@ def resolve_init(config: TrainConfig, ranks: Mapping[str, int], shapes: Mapping[
         raise ConfigError(f"--init gradient needs the init bases of Preprocessing++, but {config.dataset_dir} has "
                           f"neither {MAP_FILENAME} nor {INIT_FILENAME}: run `sidestep analyze --dataset-dir "
                           f"{config.dataset_dir}` first, or use --init default.")
-    expected = None
+    expected, k = None, None
     if map_path.is_file():
         try:
             ref = read_map(map_path).init
@@ -78,7 +78,11 @@ def resolve_init(config: TrainConfig, ranks: Mapping[str, int], shapes: Mapping[
         if ref is None:
             return _fallback(f"{map_path.name} records no init bases (analysed with --no-init or by an older "
                              f"version); rerun `sidestep analyze` for them; {_FALLBACK}.")
-        init_path, expected = map_path.parent / ref.file, ref.sha256
+        init_path, expected, k = map_path.parent / ref.file, ref.sha256, ref.k
+    limit = _max_init_bytes(shapes, k)
+    if init_path.is_file() and init_path.stat().st_size > limit:
+        return _fallback(f"--init gradient: {init_path} is {init_path.stat().st_size:,} bytes, more than any init file "
+                         f"for this model can be ({limit:,}); rerun `sidestep analyze` to remake it; {_FALLBACK}.")
     try:
         bases = read_init(init_path, expected, ranks)
     except InitFileError as err:
@@ -109,6 +113,13 @@ def apply_gradient_init(transformer: torch.nn.Module, ranks: Mapping[str, int], 
 
 def _fallback(message: str) -> InitPlan:
     return InitPlan(InitMode.DEFAULT, notice=message)
+
+
+def _max_init_bytes(shapes: Mapping[str, ModuleShape], k: int | None) -> int:
+    """The size of an init file holding a full [min(k, in, out), in] fp16 basis for every module, plus its header."""
+    widest = max((max(s.in_features, s.out_features) for s in shapes.values()), default=0)
+    rows = widest if k is None else k
+    return sum(2 * min(rows, s.in_features, s.out_features) * s.in_features + 256 for s in shapes.values()) + (1 << 16)
 
 
 def _mismatch(bases: Mapping[str, torch.Tensor], ranks: Mapping[str, int],

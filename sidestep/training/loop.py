@@ -18,7 +18,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from sidestep.data import Batch, DatasetSpec, Sample, collate, load_sample
-from sidestep.errors import Interrupted, TrainingDiverged
+from sidestep.errors import Interrupted, SidestepError, TrainingDiverged, is_out_of_memory
+from sidestep.interrupts import deferred
 from sidestep.models.device import Runtime
 from sidestep.objective import TimestepSampler, apply_cfg_dropout, flow_matching_loss, noise_like
 from sidestep.seeding import mix_seed
@@ -159,13 +160,19 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
             for k in range(cfg.grad_accum):
                 micro = state.step * cfg.grad_accum + k
                 gens = ctx.order.generators(micro)
-                batch = ctx.order.batch(micro, gens).to(rt.device, rt.dtype)
-                cond = apply_cfg_dropout(batch.encoder_hidden_states, ctx.null_embedding, cfg.cfg_dropout, gens)
-                t = torch.cat([ctx.sampler.sample(1, g) for g in gens])
-                noise = torch.stack([noise_like(x, g) for x, g in zip(batch.target_latents, gens)])
-                with autocast:
-                    loss = flow_matching_loss(model, batch, t, noise, encoder_hidden_states=cond)
-                opt.scaler.scale(loss / cfg.grad_accum).backward()
+                batch = ctx.order.batch(micro, gens)
+                try:
+                    batch = batch.to(rt.device, rt.dtype)
+                    cond = apply_cfg_dropout(batch.encoder_hidden_states, ctx.null_embedding, cfg.cfg_dropout, gens)
+                    t = torch.cat([ctx.sampler.sample(1, g) for g in gens])
+                    noise = torch.stack([noise_like(x, g) for x, g in zip(batch.target_latents, gens)])
+                    with autocast:
+                        loss = flow_matching_loss(model, batch, t, noise, encoder_hidden_states=cond)
+                    opt.scaler.scale(loss / cfg.grad_accum).backward()
+                except (RuntimeError, MemoryError) as err:
+                    if not is_out_of_memory(err):
+                        raise
+                    raise _out_of_memory(batch, state.step + 1, cfg, rt, ctx.order) from err
                 step_loss += float(loss.detach()) / cfg.grad_accum
 
             # ---- several processes: average gradients and loss (= DDP), so every decision below agrees
@@ -187,15 +194,15 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
                 raise TrainingDiverged(f"{problem} at step {state.step + 1}; training stopped, last good "
                                        f"checkpoint: {where}. {ctx.advice}")
 
-            # ---- optimizer and lr schedule
-            opt.scaler.step(opt.optimizer)
-            opt.scaler.update()
-            opt.scheduler.step()
-            opt.optimizer.zero_grad(set_to_none=True)
-
-            # ---- bookkeeping: step, EMA, RNG at the new boundary
-            ema = step_loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * step_loss
-            state = replace(state, step=state.step + 1, loss_ema=ema, rng=capture_rng())
+            # ---- optimizer, lr schedule and the step counter: one section a Ctrl-C/SIGTERM cannot split, so a
+            # checkpoint's weights and step always agree (a resumed run never applies a step twice)
+            with deferred():
+                opt.scaler.step(opt.optimizer)
+                opt.scaler.update()
+                opt.scheduler.step()
+                opt.optimizer.zero_grad(set_to_none=True)
+                ema = step_loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * step_loss
+                state = replace(state, step=state.step + 1, loss_ema=ema, rng=capture_rng())
 
             # ---- checkpoint every save_every epochs (the final adapter is written by the caller)
             done_before = ((state.step - 1) * cfg.grad_accum) // ctx.order.micro_per_epoch
@@ -212,7 +219,8 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
     except KeyboardInterrupt:
         # ---- Ctrl-C: drop the half-accumulated step, save a resumable checkpoint, stop
         opt.optimizer.zero_grad(set_to_none=True)
-        path = ctx.checkpoint(state)
+        with deferred(reraise=False):  # a second Ctrl-C while saving is ignored: the checkpoint completes
+            path = ctx.checkpoint(state)
         raise Interrupted(f"Interrupted at step {state.step}; a resumable checkpoint is in {path} "
                           f"(continue with --resume latest).") from None
     finally:
@@ -231,6 +239,18 @@ def check_loss(loss: float, grad_norm: float, state: LoopState, cfg: TrainConfig
         if loss > cfg.spike_factor * state.loss_ema:
             return f"The loss spiked to {loss:.4g} ({loss / state.loss_ema:.1f}x its average {state.loss_ema:.4g})"
     return None
+
+
+def _out_of_memory(batch: Batch, step: int, cfg: TrainConfig, rt: Runtime, order: SampleOrder) -> SidestepError:
+    """Which samples (and process) asked for the memory, how long they were, and the flag that bounds it."""
+    names = ", ".join(batch.names[:3]) + (" …" if len(batch.names) > 3 else "")
+    frames = int(batch.target_latents.shape[1])
+    bound = (f"--max-latent-length {cfg.max_latent_length}" if cfg.max_latent_length is not None
+             else "no --max-latent-length")
+    where = f" in process {order.rank}" if order.world_size > 1 else ""
+    return SidestepError(f"Ran out of {rt.device.type} memory{where} at step {step} on {names} ({frames} latent frames, "
+                         f"batch {batch.size}, {bound}); lower --max-latent-length (e.g. {max(16, frames // 2)}) or "
+                         f"--batch-size, or turn on --gradient-checkpointing.")
 
 
 def _bad(value: float) -> str:

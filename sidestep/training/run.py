@@ -6,20 +6,22 @@ import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from sidestep import __version__, distributed
 from sidestep.analysis.fisher_map import ADVISED_LR
 from sidestep.data import DatasetSpec, scan_dataset
-from sidestep.errors import ConfigError
+from sidestep.errors import CheckpointError, ConfigError
+from sidestep.interrupts import deferred
 from sidestep.models import LoadedModel, Runtime, load_model
 from sidestep.models.loading import build_transformer
 from sidestep.models.select import ModelChoice
 from sidestep.objective import sampler_for_training
 from sidestep.training import saving
-from sidestep.training.adapters import AdapterPlan, MapSummary, attach_adapter, module_shapes, plan_adapter, summarize
+from sidestep.training.adapters import (AdapterPlan, MapSummary, attach_adapter, check_plan_fits, module_shapes,
+                                        plan_adapter, summarize)
 from sidestep.training.config import InitMode, TrainConfig
 from sidestep.training.events import CheckpointSaved, Notice, OnEvent, Started, noop
 from sidestep.training.grad_init import InitPlan, resolve_init
@@ -50,7 +52,17 @@ class TrainOutcome:
 
 
 def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: OnEvent = noop) -> TrainOutcome:
-    """Train an adapter on `config.dataset_dir` and save it under `config.output_dir`."""
+    """Train an adapter on `config.dataset_dir` and save it under `config.output_dir`.
+
+    Process 0 holds a lock on the output folder for the whole run: a second `train` into it refuses.
+    """
+    if not distributed.current().is_main:
+        return _train(config, choice, runtime, on_event)
+    with saving.output_lock(config.output_dir):
+        return _train(config, choice, runtime, on_event)
+
+
+def _train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: OnEvent) -> TrainOutcome:
     # ---- preflight: every file checked, map read, output folder settled, before any weight is loaded
     # (under torchrun each process trains its shard; only process 0 reports and writes: training/parallel.py)
     entry = choice.entry
@@ -64,7 +76,7 @@ def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: 
     torch.manual_seed(config.seed)
     trainable = attach_adapter(loaded.transformer, plan, pre.init)
     if resume_dir is not None:
-        saving.load_adapter_weights(loaded.transformer, saving.read_adapter_dir(resume_dir).tensors)
+        saving.load_adapter_weights(loaded.transformer, pre.resume_tensors)
 
     # ---- optimizer, schedule and the state to continue from
     named = sorted((n, p) for n, p in loaded.transformer.named_parameters() if p.requires_grad)
@@ -74,8 +86,8 @@ def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: 
     if resumed is not None:
         state = _restore(resumed, opt, resume_dir)
     seed_process_rng(config.seed, state.step)
+    # run.json is written once the final adapter is, so a failed run never replaces the record of a good one
     record = _run_record(config, choice, runtime, loaded, plan, total) | {"init": pre.init.to_json()}
-    run_json = distributed.run_on_main(lambda: saving.write_run_json(config.output_dir, record))
     sampler = sampler_for_training(config.timestep_mode, loaded.variant)
     mode = config.timestep_mode or ("discrete" if loaded.variant.is_turbo else "continuous")
     on_event(Started(entry.label, runtime.reason, len(order.files), math.ceil(order.micro_per_epoch / config.grad_accum),
@@ -86,7 +98,14 @@ def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: 
         path = saving.final_dir(config.output_dir) if final else saving.checkpoint_dir(config.output_dir, st.step)
         epoch = st.step * config.grad_accum / order.micro_per_epoch
         if dist.is_main:
-            saving.save_adapter_dir(path, plan, loaded.transformer, _state_payload(st, epoch, opt, config, plan))
+            with deferred():  # a checkpoint being written completes before a Ctrl-C/SIGTERM is acted on
+                try:
+                    saving.save_adapter_dir(path, plan, loaded.transformer, _state_payload(st, epoch, opt, config, plan))
+                except saving.SaveFailed as err:
+                    if final:
+                        raise
+                    raise CheckpointError(f"{str(err).rstrip('.')}; training stopped at step {st.step}, "
+                                          f"{_kept(st.last_checkpoint)}.") from err
             on_event(CheckpointSaved(path, st.step, final))
         return path
 
@@ -99,10 +118,26 @@ def train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event: 
                       checkpoint, _advice(plan, loaded.variant.is_turbo), on_event=on_event, sync=sync_for(dist),
                       callbacks=callbacks)
     state = train_loop(ctx, state)
-    if dist.is_main:
-        saving.backup_final(config.output_dir)  # a resumed run that extends a finished one keeps the old as final.bak
-    final = checkpoint(state, final=True)
+    final = distributed.run_on_main(lambda: _save_final(config, state, checkpoint))
+    run_json = distributed.run_on_main(lambda: saving.write_run_json(config.output_dir, record))
     return TrainOutcome(final, state.step, state.loss_ema, plan.adaptive, trainable, len(plan.ranks), run_json)
+
+
+def _save_final(config: TrainConfig, state: LoopState, checkpoint: Callable[..., Path]) -> Path:
+    """All or nothing: the new final/ appears whole, or the previous one is back and the last checkpoint is named."""
+    backup = saving.backup_final(config.output_dir)  # a resumed run that extends a finished one keeps the old as final.bak
+    try:
+        return checkpoint(state, final=True)
+    except saving.SaveFailed as err:
+        restored = saving.restore_final(config.output_dir, backup)
+        previous = "the previous final/ is restored" if restored else "no final adapter was written"
+        raise CheckpointError(f"{str(err).rstrip('.')}: {previous} and {_kept(state.last_checkpoint)}.") from err
+
+
+def _kept(last: Path | None) -> str:
+    if last is None:
+        return "no checkpoint was saved in this run (use --save-every to keep some)"
+    return f"the last checkpoint {last} is kept (free some space, then continue with --resume latest)"
 
 
 @dataclass(frozen=True)
@@ -110,6 +145,7 @@ class _Preflight:
     plan: AdapterPlan
     resume_dir: Path | None
     resumed: dict[str, Any] | None
+    resume_tensors: dict[str, torch.Tensor]
     order: SampleOrder
     total: int
     init: InitPlan
@@ -121,10 +157,15 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _
     entry = choice.entry
     spec = DatasetSpec.from_model_config(entry.config)
     scan = scan_dataset(config.dataset_dir, spec)
+    for problem in scan.problems:  # samples with nothing to learn from (all-zero mask) are left out, not fatal
+        on_event(Notice(f"Skipped {problem}"))
     variant = entry.defaults
     plan = plan_adapter(config, variant.name, variant.is_turbo, int(entry.config["num_hidden_layers"]))
     resume_dir = saving.resolve_resume(config.output_dir, config.resume) if config.resume else None
     resumed = saving.load_training_state(resume_dir) if resume_dir else None
+    resume_tensors = saving.read_adapter_dir(resume_dir).tensors if resume_dir else {}
+    if resume_dir is not None:
+        saving.check_finite(resume_dir, resume_tensors)
     if resumed is not None:
         plan = _resumed_plan(resumed, plan, resume_dir, on_event)
         if (notice := resume_notice(resumed, config, resume_dir)) is not None:
@@ -137,8 +178,10 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _
     if resumed is not None and int(resumed["step"]) >= total:
         raise ConfigError(f"--resume {resume_dir} already has {resumed['step']} of {total} steps; raise "
                           f"--epochs or --max-steps to train further.")
-    if plan.adaptive and dist.is_main:  # sized on a weightless (meta) copy, so the summary comes before the slow load
-        on_event(_map_summary(plan, entry.config))
+    if plan.adaptive:  # checked and sized on a weightless (meta) copy, before the slow load
+        summary = _map_summary(plan, entry.config)
+        if dist.is_main:
+            on_event(summary)
     for message in plan.notices:
         on_event(Notice(message))
     samples = plan_samples(config, entry, choice.checkpoint_dir, variant, scan.files)
@@ -147,7 +190,7 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent) -> _
         on_event(Notice(init.notice, init.level))
     continuing = resume_dir is not None and Path(config.output_dir).resolve() in resume_dir.resolve().parents
     distributed.run_on_main(lambda: saving.prepare_output(config.output_dir, continuing, config.overwrite))
-    return _Preflight(plan, resume_dir, resumed, order, total, init, samples)
+    return _Preflight(plan, resume_dir, resumed, resume_tensors, order, total, init, samples)
 
 
 def _resolve_init(config: TrainConfig, plan: AdapterPlan, resumed: dict[str, Any] | None,
@@ -162,6 +205,7 @@ def _resolve_init(config: TrainConfig, plan: AdapterPlan, resumed: dict[str, Any
 def _map_summary(plan: AdapterPlan, model_config: dict[str, Any]) -> MapSummary:
     meta = build_transformer(model_config, "meta").requires_grad_(False)
     shapes = module_shapes(meta)
+    check_plan_fits(plan, shapes)
     return summarize(plan, shapes, attach_adapter(meta, plan), plan.base_rank)
 
 

@@ -9,28 +9,31 @@ tensor); per-module ranks and alphas live in `rank_pattern`/`alpha_pattern`. Che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import filelock
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sidestep.data.dataset import load_pt
-from sidestep.errors import CheckpointError, ConfigError
-from sidestep.fileio import atomic_dir, write_json_atomic
+from sidestep.errors import CheckpointError, ConfigError, SidestepError
+from sidestep.fileio import atomic_dir, check_output_dir, write_error_reason, write_json_atomic
 from sidestep.models.convert import diffusers_to_original, original_to_diffusers
 from sidestep.training.adapters import ADAPTER_PARAM_MARKERS, AdapterPlan, peft_config
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "STATE_FILE", "PEFT_PREFIX", "AdapterFiles", "save_adapter_dir",
            "read_adapter_dir", "adapter_tensors", "load_adapter_weights", "ace_step_config", "prepare_output", "backup_final",
-           "checkpoint_dir", "final_dir", "resolve_resume", "load_training_state", "write_run_json"]
+           "checkpoint_dir", "final_dir", "resolve_resume", "load_training_state", "write_run_json", "SaveFailed",
+           "restore_final", "output_lock", "check_finite"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,6 +41,15 @@ STATE_FILE = "training_state.pt"
 PEFT_PREFIX = "base_model.model."
 STATE_FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
+LOCK_FILE = ".sidestep.lock"
+
+
+class SaveFailed(CheckpointError):
+    """An adapter folder could not be written (full disk, permissions); nothing half-written was left."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"Cannot write {path} ({reason}).")
+        self.path, self.reason = Path(path), reason
 
 
 @dataclass(frozen=True)
@@ -91,11 +103,14 @@ def save_adapter_dir(path: Path, plan: AdapterPlan, transformer: torch.nn.Module
                      state: dict[str, Any] | None = None) -> Path:
     """Write `path/` atomically: the ACE-Step adapter, plus `training_state.pt` when `state` is given."""
     tensors = adapter_tensors(transformer)
-    with atomic_dir(path) as tmp:
-        write_json_atomic(tmp / ADAPTER_CONFIG, ace_step_config(plan))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if state is not None:
-            torch.save({"format": STATE_FORMAT, **state}, tmp / STATE_FILE)
+    try:
+        with atomic_dir(path) as tmp:
+            write_json_atomic(tmp / ADAPTER_CONFIG, ace_step_config(plan))
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            if state is not None:
+                torch.save({"format": STATE_FORMAT, **state}, tmp / STATE_FILE)
+    except (OSError, RuntimeError, SafetensorError, SidestepError) as err:  # torch.save: RuntimeError on a full disk
+        raise SaveFailed(Path(path), write_error_reason(err)) from err
     return Path(path)
 
 
@@ -107,8 +122,8 @@ def read_adapter_dir(path: Path) -> AdapterFiles:
         raise CheckpointError(f"{path} is not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}).")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{cfg_path}: cannot be read ({err}).") from err
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, a 5000-digit number
+        raise CheckpointError(f"{cfg_path}: cannot be read ({str(err)[:120] or 'nested too deeply'}).") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise CheckpointError(f"{cfg_path}: not a peft adapter config (no 'peft_type').")
     try:
@@ -150,6 +165,50 @@ def backup_final(output_dir: Path) -> Path | None:
         _remove_tree(backup)
     os.replace(final, backup)
     return backup
+
+
+def restore_final(output_dir: Path, backup: Path | None) -> bool:
+    """After a failed final save: put `final.bak/` back as `final/`; True when a previous adapter was restored."""
+    final = final_dir(output_dir)
+    if backup is None or not backup.is_dir() or final.exists():
+        return False
+    os.replace(backup, final)
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[None]:
+    """Hold `OUTPUT/.sidestep.lock` while training, so a second `sidestep train` into OUTPUT refuses.
+
+    An OS file lock (flock) dies with its process: a lock file left by a killed run is stale and simply reused.
+    """
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, "--output-dir")
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = output_dir / LOCK_FILE
+    lock = filelock.FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise ConfigError(f"{output_dir} is in use by another `sidestep train` that is still running; wait for it "
+                          f"to finish or choose another --output-dir.") from None
+    try:
+        yield
+    except BaseException:
+        lock.release()
+        if created and [p.name for p in output_dir.iterdir()] == [LOCK_FILE]:  # a run that failed in preflight
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    lock.release()
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse adapter weights holding NaN or Inf (a diverged or damaged checkpoint) before they are trained on."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: {key} holds NaN or Inf values, so this checkpoint cannot "
+                                  f"be resumed; pick an earlier one (OUTPUT/checkpoints/step-N).")
 
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:

@@ -155,6 +155,8 @@ def _parse(name: str, text: str, where: str, builtin: bool) -> Preset:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"The {where} is not valid JSON (line {err.lineno}); delete or fix it.") from None
+    except (ValueError, RecursionError):  # nested a thousand deep, or a number of thousands of digits
+        raise ConfigError(f"The {where} is not usable JSON (too deeply nested or too large a number); delete or fix it.") from None
     if not isinstance(data, dict) or not isinstance(data.get("values"), dict):
         raise ConfigError(f"The {where} must be a JSON object with a \"values\" object; delete or fix it.")
     if data.get("version", FILE_VERSION) != FILE_VERSION:
