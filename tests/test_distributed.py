@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
 CPU = resolve_runtime("cpu", "fp32", False)
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TRAIN = dict(rank=4, lr=1e-3, warmup_steps=0, seed=3, max_steps=4, save_every=1)  # 4 samples, batch 1
-ANALYZE = dict(seed=1, runs=2, batches_per_run=7, convergence_patience=1, base_rank=8, rank_min=4, rank_max=16)
+ANALYZE = dict(seed=2, runs=2, batches_per_run=7, convergence_patience=1, base_rank=8, rank_min=4, rank_max=16)
 
 WATCHER = '''
 import builtins, io, os
@@ -168,7 +168,7 @@ def _losses(events) -> dict[int, float]:
 def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
     choice, dataset, _ = tiny
     two = tmp_path / "two.json"
-    flags = ["--seed", "1", "--runs", "2", "--batches-per-run", "7", "--convergence-patience", "1",
+    flags = ["--seed", "2", "--runs", "2", "--batches-per-run", "7", "--convergence-patience", "1",
              "--rank", "8", "--rank-min", "4", "--rank-max", "16"]
     _, streams, events = _torchrun(tiny, tmp_path, "analyze", "--dataset-dir", str(dataset), "--output", str(two),
                                    "--yes", "--json", *flags)
@@ -179,8 +179,12 @@ def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
     got = read_map(two)
     assert got.rank_pattern == one.rank_pattern and got.alpha_pattern == one.alpha_pattern
     assert got.convergence == one.convergence and got.total_batches == one.total_batches
-    # patience 1 makes run 2 converge after batch 3, inside a round of 2: the later batch must be dropped
-    assert [r.batches for r in one.convergence.runs] == [2, 3]
+    # patience 1 makes both runs converge after batch 3, inside a round of 2: the later batch must be dropped
+    assert [r.batches for r in one.convergence.runs] == [3, 3]
+    # ... from the need's sums too (process 1's batch 4 is undone before they are added up)
+    assert got.extra["need"]["top10_share"] == pytest.approx(one.extra["need"]["top10_share"], rel=1e-4)
+    for name, entry in one.extra["need"]["per_module"].items():
+        assert got.extra["need"]["per_module"][name]["need"] == pytest.approx(entry["need"], rel=1e-3, abs=1e-12)
     ours = {m.name: m for m in got.modules}
     for m in one.modules:
         assert ours[m.name].fisher_score == pytest.approx(m.fisher_score, rel=1e-5)
