@@ -366,7 +366,7 @@ def test_a_failed_sample_render_warns_and_training_goes_on(listen, tmp_path, mon
 
 
 def test_train_display_sends_samples_to_tensorboard_as_mono_audio(tmp_path):
-    from sidestep.cli.train_cmd import TrainDisplay
+    from sidestep.display.training import TrainDisplay
     from sidestep.generation import write_wav
     from sidestep.training.events import SamplesSaved
 

@@ -612,6 +612,26 @@ def test_running_out_of_memory_names_the_samples_and_the_flag(tiny, tmp_path):
     assert "--max-latent-length" in done.stderr and not (tmp_path / "out" / "final").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to bound the address space")
+def test_running_out_of_memory_in_analyze_names_the_sample(tiny, tmp_path):
+    choice, template = tiny
+    dataset = tmp_path / "dataset"
+    shutil.copytree(template, dataset)
+    frames = 20000
+    torch.save({"target_latents": torch.randn(frames, 64), "attention_mask": torch.ones(frames),
+                "encoder_hidden_states": torch.randn(8, 32), "encoder_attention_mask": torch.ones(8, dtype=torch.bool),
+                "context_latents": torch.randn(frames, 128)}, dataset / "long.pt")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SIDESTEP_CONFIG_DIR": str(tmp_path / "config")}
+    done = subprocess.run([sys.executable, "-c", _OOM_RUN, "analyze", "--dataset-dir", str(dataset),
+                           "--checkpoint-dir", str(choice.checkpoint_dir), "--model", "base", "--yes", "--runs", "1",
+                           "--rank", "8", "--rank-min", "4", "--rank-max", "16", "--device", "cpu",
+                           "--precision", "fp32"], env=env, capture_output=True, text=True, timeout=300)
+    _ends_in_one_error(done.returncode, done.stderr)
+    assert "Ran out of cpu memory analysing long.pt" in done.stderr and "--max-duration" in done.stderr
+    assert not (dataset / "fisher_map.json").exists()
+
+
 def test_an_init_file_larger_than_the_model_could_need_is_never_read(tiny, tmp_path):
     choice, template = tiny
     dataset = tmp_path / "dataset"

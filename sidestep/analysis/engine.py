@@ -34,7 +34,7 @@ from sidestep.analysis.convergence import ConvergenceTracker, mean_pairwise_spea
 from sidestep.analysis.modules import ModuleShape, targetable_modules
 from sidestep.analysis.signals import NeedEstimate, energy_rank, need_estimate, singular_values, weight_effective_rank
 from sidestep.data import Batch, DatasetSpec, collate, load_sample
-from sidestep.errors import Interrupted
+from sidestep.errors import Interrupted, SidestepError, is_out_of_memory
 from sidestep.models import LoadedModel, original_to_diffusers
 from sidestep.objective import flow_matching_loss, noise_like, sampler_for_focus
 from sidestep.seeding import mix_seed
@@ -333,7 +333,23 @@ def _round(engine: FisherEngine, loaded: LoadedModel, subset: list[Path], spec: 
         t = sampler.sample(1, gen)
         noise = noise_like(batch.target_latents, gen)
         if b == mine:
-            engine.step(batch, t, noise)
+            try:
+                engine.step(batch, t, noise)
+            except (RuntimeError, MemoryError) as err:
+                if not is_out_of_memory(err):
+                    raise
+                raise _out_of_memory(subset[b % len(subset)], batch, runtime, b) from err
+
+
+def _out_of_memory(path: Path, batch, runtime, index: int) -> SidestepError:
+    """Which sample (and process) asked for the memory, and what bounds it."""
+    ctx = distributed.current()
+    where = f" in process {ctx.rank}" if ctx.is_distributed else ""
+    frames = int(batch.target_latents.shape[1])
+    return SidestepError(
+        f"Ran out of {runtime.device.type} memory{where} analysing {path.name} (batch {index + 1}, {frames} latent "
+        f"frames); turn on --gradient-checkpointing, use --precision bf16, or shorten the longest samples "
+        f"(sidestep preprocess --max-duration).")
 
 
 def _weight_ranks(weights: Sequence[torch.Tensor], config: AnalysisConfig, plan: _Plan,

@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.prompt import Confirm
-from rich.table import Table
 
-from sidestep.cli import output
+from sidestep.display import output
+from sidestep.display.analysis import print_preview
 from sidestep.cli.app import app
 from sidestep.cli.options import (
     AllowTurboOpt,
@@ -39,10 +39,9 @@ from sidestep.cli.options import (
     YesOpt,
 )
 from sidestep.analysis.fisher_map import need_summary
-from sidestep.analysis.report import concentration_sentence
 from sidestep.errors import ConfigError
 
-__all__ = ["analyze", "print_preview", "summary_json"]
+__all__ = ["analyze", "summary_json"]
 
 
 @app.command()
@@ -149,41 +148,6 @@ def _confirm(yes: bool, before: Callable[[], None]) -> Callable[[Any], bool]:
     return ask
 
 
-def print_preview(preview) -> None:
-    """The rich preview: per-category counts, rank histogram, top modules, low-confidence list, parameter cost."""
-    console = output.console
-    table = Table(title="Modules per category", title_justify="left")
-    for column in ("category", "included", "excluded"):
-        table.add_column(column, justify="left" if column == "category" else "right")
-    for c in preview.categories:
-        table.add_row(c.category, str(c.included), str(c.excluded))
-    console.print(table)
-    histogram = Table(title="Rank histogram", title_justify="left")
-    histogram.add_column("rank", justify="right")
-    histogram.add_column("modules", justify="right")
-    histogram.add_column("")
-    most = max((n for _, n in preview.rank_histogram), default=1)
-    for rank, count in preview.rank_histogram:
-        histogram.add_row(str(rank), str(count), "█" * max(1, round(24 * count / most)))
-    console.print(histogram)
-    top = Table(title=f"Top {len(preview.top)} modules", title_justify="left")
-    for column in ("module", "Fisher score", "data rank", "weight rank", "rank"):
-        top.add_column(column, justify="left" if column == "module" else "right")
-    for m in preview.top:
-        top.add_row(m.name, f"{m.fisher:.3e}", _opt(m.data_rank), _opt(m.weight_rank), str(m.rank))
-    console.print(top)
-    console.print(f"Adapted {preview.adapted} of {preview.targetable} modules; median rank {preview.median_rank:g}; "
-                  f"trainable parameters {preview.trainable_params:,} vs {preview.flat_equivalent_params:,} for a flat "
-                  f"LoRA on every module ({_ratio(preview)}).")
-    runs = "; ".join(f"run {r}: {b} batches, ρ {_opt(s, '.3f')}{' (converged)' if c else ''}" for r, b, s, c in preview.runs)
-    console.print(f"Convergence: {runs}; agreement between runs ρ {_opt(preview.cross_run_spearman, '.3f')}.")
-    if preview.need is not None:
-        console.print(concentration_sentence(preview.need))
-    if preview.low_confidence:
-        shown = ", ".join(preview.low_confidence[:8]) + (" …" if len(preview.low_confidence) > 8 else "")
-        output.warn(f"{len(preview.low_confidence)} low-confidence module(s) (cross-run std > 50% of the score): {shown}")
-
-
 def summary_json(outcome) -> dict[str, Any]:
     """The machine-readable summary printed by --json."""
     fmap = outcome.map
@@ -212,13 +176,3 @@ def summary_json(outcome) -> dict[str, Any]:
         "skipped": list(outcome.skipped),
         "seconds": round(outcome.result.seconds, 3),
     }
-
-
-def _opt(value: Any, fmt: str = "") -> str:
-    return "–" if value is None else format(value, fmt)
-
-
-def _ratio(preview) -> str:
-    if not preview.flat_equivalent_params:
-        return "no flat budget"
-    return f"{preview.trainable_params / preview.flat_equivalent_params:.0%} of it"

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from sidestep.cli import output
+from sidestep.display import output
 from sidestep.cli.failures import DEBUG_HINT, describe
 from sidestep.errors import Interrupted, SidestepError, TrainingDiverged
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidestep.cli import output
+from sidestep.display import output
 from sidestep.models import find_model, resolve_runtime
 from sidestep.testing.demo import DEMO_MODEL, DemoPaths
 
@@ -19,7 +19,7 @@ def _analyze_step(paths: DemoPaths) -> None:
     from sidestep.analysis.config import AnalysisConfig
     from sidestep.analysis.report import build_preview
     from sidestep.analysis.run import analyze_dataset
-    from sidestep.cli.analyze_cmd import print_preview
+    from sidestep.display.analysis import print_preview
 
     entry = find_model(paths.checkpoints, DEMO_MODEL)
     # A rank budget in proportion to the demo's hidden size of 64.
@@ -48,7 +48,7 @@ def _preprocess_step(paths: DemoPaths) -> None:
 
 def _train_step(paths: DemoPaths) -> None:
     """Step 3: a few training steps with the map the analyze step wrote (`sidestep train --max-steps 6`)."""
-    from sidestep.cli.train_cmd import TrainDisplay
+    from sidestep.display.training import TrainDisplay
     from sidestep.models.select import ModelChoice
     from sidestep.training.config import TrainConfig
     from sidestep.training.run import train

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sidestep.cli import output
+from sidestep.display import output
 from sidestep.cli.app import app
 from sidestep.cli.options import ExportFormatOpt, JsonOpt, OverwriteOpt
 from sidestep.errors import ConfigError

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sidestep.cli import output
+from sidestep.display import output
 from sidestep.cli.app import app
 from sidestep.cli.options import BaseVariantOpt, CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt
 from sidestep.errors import ConfigError

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sidestep.cli import output
+from sidestep.display import output
 from sidestep.cli.app import app
 from sidestep.cli.options import CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt, SeedOpt
 from sidestep.errors import DatasetError

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sidestep import settings
-from sidestep.cli import output
+from sidestep.display import output
 from sidestep.cli.app import app
 from sidestep.cli.options import JsonOpt
 

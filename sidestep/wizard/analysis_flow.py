@@ -210,7 +210,7 @@ def _run(asker: Asker, config: AnalysisConfig, answers: Answers) -> Any:
 
         def confirm(fmap: Any) -> bool:
             from sidestep.analysis.report import build_preview
-            from sidestep.cli.analyze_cmd import print_preview  # the one preview, shared with `sidestep analyze`
+            from sidestep.display.analysis import print_preview  # the one preview, shared with `sidestep analyze`
 
             bar.stop()  # close the live bar before drawing the preview and the prompt
             print_preview(build_preview(fmap))

@@ -280,7 +280,7 @@ def _preset_values(config: TrainConfig, answers: Answers) -> dict[str, Any]:
 
 def _run(asker: Asker, config: TrainConfig, answers: Answers) -> Any:
     """The same library call and display as `sidestep train`."""
-    from sidestep.cli.train_cmd import TrainDisplay  # the progress display `sidestep train` uses
+    from sidestep.display.training import TrainDisplay  # the progress display `sidestep train` uses
     from sidestep.models.select import choose_runtime
     from sidestep.training.run import train
 

@@ -1,4 +1,4 @@
-"""The one place the CLI talks to the terminal. Messages go to stderr so stdout can carry --json."""
+"""The one place sidestep talks to the terminal. Messages go to stderr so stdout can carry --json."""
 
 from __future__ import annotations
 
