@@ -24,8 +24,6 @@ from sidestep.errors import ConfigError, SidestepError
 if TYPE_CHECKING:
     import torch
 
-    from sidestep.models.device import Runtime
-
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistContext", "DistributedError", "PeerFailed", "all_gather_objects",
            "all_gather_tensor", "all_reduce_sum", "average_gradients", "barrier", "broadcast_object",
            "broadcast_tensors", "context_from_env", "current", "gather_objects", "init_distributed", "run_on_main",
@@ -71,13 +69,6 @@ class DistContext:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def place(self, runtime: "Runtime") -> "Runtime":
-        """`runtime` on this process's device, its reason saying so."""
-        device = self.device(runtime.device)
-        if device == runtime.device:
-            return runtime
-        reason = f"{runtime.reason}; process {self.rank + 1} of {self.world_size} on {device}"
-        return replace(runtime, device=device, reason=reason)
 
 
 _CURRENT = DistContext()

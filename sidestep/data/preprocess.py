@@ -44,7 +44,7 @@ from sidestep.data.metadata import (
 from sidestep.distributed import all_gather_objects, current
 from sidestep.errors import AudioError, ConfigError, Interrupted, SidestepError, is_out_of_memory
 from sidestep.fileio import atomic_path, check_output_dir, sha256_file, write_error_reason
-from sidestep.models.device import Runtime, resolve_runtime
+from sidestep.models.device import Runtime, on_this_process, resolve_runtime
 from sidestep.models.discovery import ModelEntry, find_model
 
 __all__ = ["PreprocessConfig", "PreprocessEvent", "PreprocessSummary", "FileOutcome", "Status", "Stage",
@@ -182,7 +182,7 @@ def preprocess_audio(config: PreprocessConfig, on_event: Callable[[PreprocessEve
     # Preprocessing reads only the condition encoder, so a fine-tune's parent variant does not matter here.
     entry = find_model(config.checkpoint_dir, config.model, base_variant="base")
     dist = current()
-    runtime = dist.place(config.runtime or resolve_runtime(None, None, False))
+    runtime = on_this_process(config.runtime or resolve_runtime(None, None, False))
     on_event = on_event if dist.is_main else _noop
     job = _Job(config, entry, runtime, dataset, on_event, _output_names(files, audio_dir))
     total, outcomes = len(files), []

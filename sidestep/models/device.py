@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from sidestep.errors import ConfigError
 
-__all__ = ["Runtime", "resolve_runtime", "PRECISIONS"]
+__all__ = ["Runtime", "on_this_process", "resolve_runtime", "PRECISIONS"]
 
 PRECISIONS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -73,3 +73,15 @@ def _resolve_dtype(flag: str | None, dev: torch.device) -> tuple[torch.dtype, st
 
 def _name(dtype: torch.dtype) -> str:
     return next(k for k, v in PRECISIONS.items() if v == dtype)
+
+
+def on_this_process(runtime: Runtime) -> Runtime:
+    """`runtime` on this process's device under torchrun (`cuda:LOCAL_RANK`), its reason saying so."""
+    from sidestep.distributed import current
+
+    ctx = current()
+    device = ctx.device(runtime.device)
+    if device == runtime.device:
+        return runtime
+    reason = f"{runtime.reason}; process {ctx.rank + 1} of {ctx.world_size} on {device}"
+    return replace(runtime, device=device, reason=reason)

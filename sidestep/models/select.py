@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidestep import settings
-from sidestep.models.device import Runtime, resolve_runtime
+from sidestep.models.device import Runtime, on_this_process, resolve_runtime
 from sidestep.models.discovery import ModelEntry, find_model
 
 __all__ = ["ModelChoice", "choose_model", "choose_runtime"]
@@ -32,6 +32,4 @@ def choose_runtime(device: str | None, precision: str | None, gradient_checkpoin
     dev = settings.resolve("device", device).value
     prec = settings.resolve("precision", precision).value
     # Under torchrun / accelerate launch each process takes its own GPU (cuda:LOCAL_RANK).
-    from sidestep.distributed import current
-
-    return current().place(resolve_runtime(dev, prec, gradient_checkpointing))
+    return on_this_process(resolve_runtime(dev, prec, gradient_checkpointing))
