@@ -6,9 +6,7 @@ an adapter (and only an adapter) changes the render.
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from sidestep.cli.app import main
 from sidestep.errors import ConfigError
 from sidestep.generation import MAX_DURATION_S, PromptDefaults, read_prompts, resolve_settings
 from sidestep.models import resolve_runtime, variant_defaults
@@ -26,19 +23,11 @@ from sidestep.training.config import TrainConfig
 from sidestep.training.export import export_adapter
 from sidestep.training.run import train
 from train_support import tiny_setup
+from cli_support import run_cli as _main
 
 CPU = resolve_runtime("cpu", "fp32", False)
 RENDER = ["--device", "cpu", "--precision", "fp32", "--steps", "2", "--duration", "0.6"]
 PROMPT = "bright synth chord"
-
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["sidestep", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def _train_config(dataset: Path, out: Path, **extra) -> TrainConfig:

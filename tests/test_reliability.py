@@ -8,7 +8,6 @@ existed before is byte-identical afterwards.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import math
 import os
@@ -36,19 +35,11 @@ from sidestep.training.adapters import flat_plan, module_shapes
 from sidestep.training.config import InitMode, TrainConfig
 from sidestep.training.grad_init import resolve_init
 from sidestep.training.run import train
+from cli_support import run_cli as _main
 from train_support import tiny_setup
 
 FAST = ["--device", "cpu", "--precision", "fp32", "--rank", "4", "--warmup-steps", "0", "--save-every", "0"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["sidestep", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

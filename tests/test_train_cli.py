@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import pytest
 
 from sidestep.analysis.fisher_map import FisherMap, write_map
-from sidestep.cli.app import main
 from sidestep.data import dataset_hash
 from sidestep.training import saving
 from train_support import tiny_setup
+from cli_support import run_cli as _main
 
 FAST = ["--device", "cpu", "--precision", "fp32", "--rank", "4", "--warmup-steps", "0", "--save-every", "0"]
 MAP_RANKS = {"layers.0.self_attn.q_proj": 8, "layers.1.cross_attn.v_proj": 4, "layers.1.mlp.up_proj": 12}
-
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["sidestep", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
