@@ -29,6 +29,8 @@ bench: venv
 	$(PY) bench/train.py
 	$(PY) bench/scale.py
 	$(PY) bench/quality.py --quick
+	$(PY) bench/planted.py --quick
+	$(PY) bench/sampling.py --quick
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache
