@@ -35,7 +35,7 @@ from planted_lib.plant import PlantSpec, ensure_plant  # noqa: E402
 from planted_lib.runner import DEFAULT_SIGNAL, SIGNALS, CellConfig, Data, outputs, run_cell  # noqa: E402
 from quality_lib.arms import Budget  # noqa: E402
 from quality_lib.base_model import MODEL_FOLDER, BaseSpec, ensure_base  # noqa: E402
-from quality_lib.cli import parse_with_preset  # noqa: E402
+from quality_lib.cli import finish, parse_with_preset  # noqa: E402
 from quality_lib.evaluate import eval_loss, make_eval_set  # noqa: E402
 from quality_lib.stats import mean_std, paired  # noqa: E402
 from quality_lib.synthetic import draw_samples, shifted_law, write_split  # noqa: E402
@@ -124,14 +124,8 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
     summary = summarize(records, cells, plants, controls)
     summary.update({"summary": True, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                     "wall_seconds": time.perf_counter() - started})
-    emit(json.dumps(summary))
-    for line in summary["verdicts"]:
-        log(line)
-    if args.out:
-        args.out.write_text(json.dumps({"records": records, "cells": cells, **summary}, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(markdown(summary, "python bench/planted.py " + " ".join(argv or sys.argv[1:])))
-    return summary
+    return finish(summary, records, cells, args, emit, log,
+                  lambda: markdown(summary, "python bench/planted.py " + " ".join(argv or sys.argv[1:])))
 
 
 def _own_sample_control(loaded, conditions, root: Path, args, cfg: CellConfig, runtime) -> dict:

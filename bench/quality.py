@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_lib.arms import ARM_ORDER, Budget  # noqa: E402
 from quality_lib.base_model import MODEL_FOLDER, BaseSpec, ensure_base  # noqa: E402
-from quality_lib.cli import parse_with_preset  # noqa: E402
+from quality_lib.cli import finish, parse_with_preset  # noqa: E402
 from quality_lib.report import markdown_table, summarize  # noqa: E402
 from quality_lib.runner import CellConfig, prepare_task, run_cell, skipped_arms  # noqa: E402
 
@@ -112,14 +112,8 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
         "skipped": skipped_arms(cfg),
         "wall_seconds": time.perf_counter() - started,
     })
-    emit(json.dumps(summary))
-    for line in summary["verdicts"]:
-        log(line)
-    if args.out:
-        args.out.write_text(json.dumps({"records": records, "cells": cells, **summary}, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(markdown_table(summary, " ".join(["python bench/quality.py", *(argv or sys.argv[1:])])))
-    return summary
+    return finish(summary, records, cells, args, emit, log,
+                  lambda: markdown_table(summary, " ".join(["python bench/quality.py", *(argv or sys.argv[1:])])))
 
 
 if __name__ == "__main__":

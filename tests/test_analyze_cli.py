@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sidestep.cli.app import main
 from sidestep.testing.tiny import tiny_config, write_original_checkpoint
+
+from cli_support import run_cli as _main
 
 FAST = ["--rank", "8", "--rank-min", "4", "--rank-max", "16", "--batches-per-run", "3", "--runs", "2",
         "--device", "cpu", "--precision", "fp32"]
@@ -21,16 +22,6 @@ FAST = ["--rank", "8", "--rank-min", "4", "--rank-max", "16", "--batches-per-run
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-def _main(monkeypatch, capsys, *args: str, stdin: io.StringIO | None = None) -> tuple[int, str, str]:
-    """Run the real entry point in-process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["sidestep", *args])
-    monkeypatch.setattr(sys, "stdin", stdin if stdin is not None else io.StringIO(""))
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, *extra: str, stdin=None):

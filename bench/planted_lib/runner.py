@@ -26,7 +26,7 @@ from quality_lib.allocation import permuted, reference_ranks
 from quality_lib.arms import Arm, Budget, flat_arm, matched_arm
 from quality_lib.base_model import MODEL_FOLDER
 from quality_lib.evaluate import EvalSet, eval_loss
-from quality_lib.runner import _adapted, _arm_dataset
+from quality_lib.runner import _adapted, _arm_dataset, _arm_map
 
 from .plant import Plant
 
@@ -143,12 +143,6 @@ def _scaled(weights: dict[str, int], target: int, shapes) -> dict[str, int]:
 def _planted_share(arm: Arm, planted: set[str], shapes) -> float:
     on = sum(r * (shapes[n].in_features + shapes[n].out_features) for n, r in arm.ranks.items() if n in planted)
     return on / arm.params
-
-
-def _arm_map(template, arm: Arm, shapes):
-    return replace(template, rank_pattern=dict(arm.ranks), alpha_pattern=dict(arm.alphas),
-                   excluded_modules=tuple(n for n in shapes if n not in arm.ranks), trainable_params=arm.params,
-                   extra={"bench_arm": arm.key})
 
 
 def _train_arm(key: str, arm: Arm, folder: Path, data: Data, seed: int, choice, loaded: LoadedModel, runtime,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Callable
 
 
 def parse_with_preset(parser: argparse.ArgumentParser, sizes: dict[str, type], presets: dict[str, dict],
@@ -19,3 +21,16 @@ def parse_with_preset(parser: argparse.ArgumentParser, sizes: dict[str, type], p
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+def finish(summary: dict, records: list[dict], cells: list[dict], args: argparse.Namespace,
+           emit: Callable[[str], None], log: Callable[[str], None], markdown: Callable[[], str]) -> dict:
+    """Emit the summary line, log its verdicts, write --out (everything) and --markdown (the tables)."""
+    emit(json.dumps(summary))
+    for line in summary["verdicts"]:
+        log(line)
+    if args.out:
+        args.out.write_text(json.dumps({"records": records, "cells": cells, **summary}, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown())
+    return summary
