@@ -47,15 +47,16 @@ from sidestep.models import find_model, load_model, resolve_runtime  # noqa: E40
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {
     "default": dict(plants="0,1,2,3", seeds=2, layers=4, hidden=128, pretrain_steps=1500, train_samples=24,
-                    eval_samples=8, eval_draws=4, steps=100, batch_size=4, warmup=10, lrs="1e-3,3e-3", rank=4,
-                    rank_min=1, rank_max=64, rank_step=1, damage=0.004, ode_steps=20),
+                    eval_samples=8, eval_draws=4, steps=300, batch_size=4, warmup=20, lrs="3e-3,1e-2", rank=4,
+                    rank_min=1, rank_max=64, rank_step=1, damage=0.012, max_scale=3.0, ode_steps=20),
     "quick": dict(plants="0", seeds=1, layers=2, hidden=64, pretrain_steps=100, train_samples=8, eval_samples=3,
                   eval_draws=2, steps=6, batch_size=2, warmup=1, lrs="1e-3", rank=4, rank_min=1, rank_max=32,
-                  rank_step=1, damage=0.002, ode_steps=4),
+                  rank_step=1, damage=0.002, max_scale=2.0, ode_steps=4),
 }
 ARM_LABELS = {"flat": "flat LoRA, all targets", "oracle": "oracle: planted modules, ranks ∝ true ranks",
               "planted_equal": "planted modules, equal ranks", "reference": "reference rule (Side-Step)",
               "control": f"control: permuted map ({DEFAULT_SIGNAL})",
+              "map_probe": "candidate: LoRA probe + per-module ablation (bench only)",
               **{f"map_{s}": f"our map, --rank-signal {s}" + (" (default)" if s == DEFAULT_SIGNAL else "")
                  for s in SIGNALS}}
 
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plants", default=None, help="plant seeds, comma-separated (default 0,1,2,3)")
     p.add_argument("--plant-seed", default=None, help="alias of --plants")
     p.add_argument("--signals", default=",".join(SIGNALS), help="rank signals to build map arms for")
+    p.add_argument("--arms", default=None, help="train only these arms (comma-separated; flat always); default all")
+    p.add_argument("--skip-control-analysis", action="store_true", help="skip the own-samples analysis")
     p.add_argument("--out", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--cache", type=Path, default=REPO / ".bench-cache" / "quality")
@@ -73,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     sizes = {"seeds": int, "layers": int, "hidden": int, "pretrain-steps": int, "train-samples": int,
              "eval-samples": int, "eval-draws": int, "steps": int, "batch-size": int, "warmup": int, "lrs": str,
-             "rank": int, "rank-min": int, "rank-max": int, "rank-step": int, "damage": float, "ode-steps": int}
+             "rank": int, "rank-min": int, "rank-max": int, "rank-step": int, "damage": float, "max-scale": float,
+             "ode-steps": int}
     args = parse_with_preset(p, sizes, PRESETS, argv)
     if args.plant_seed:  # the alias, when given, names the plants
         args.plants = args.plant_seed
@@ -90,13 +94,14 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
     base = ensure_base(args.cache, spec, log)
     teacher = load_model(find_model(base.root, MODEL_FOLDER, None), runtime)
     cfg = CellConfig(Budget(args.rank, args.rank_min, args.rank_max, args.rank_step), args.steps, args.batch_size,
-                     args.warmup, tuple(float(x) for x in args.lrs.split(",")), tuple(args.signals.split(",")))
+                     args.warmup, tuple(float(x) for x in args.lrs.split(",")), tuple(args.signals.split(",")),
+                     tuple(args.arms.split(",")) if args.arms else None)
     records, cells, plants, controls = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="sidestep-planted-") as tmp:
         workdir = args.workdir or Path(tmp)
         for plant_seed in (int(x) for x in args.plants.split(",")):
             plant = ensure_plant(base, teacher.transformer, args.layers, teacher.variant,
-                                 PlantSpec(plant_seed, damage=args.damage), args.cache.parent / "planted", log)
+                                 PlantSpec(plant_seed, damage=args.damage, max_scale=args.max_scale), args.cache.parent / "planted", log)
             loaded = load_model(find_model(plant.root, MODEL_FOLDER, None), runtime)
             v = loaded.variant
             root = workdir / f"plant-{plant_seed}"
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
                     emit(json.dumps(rec))
                 records.extend(recs)
                 cells.append(info)
-            controls.append(_own_sample_control(loaded, train_samples, root, args, cfg, runtime))
+            if not args.skip_control_analysis:
+                controls.append(_own_sample_control(loaded, train_samples, root, args, cfg, runtime))
     summary = summarize(records, cells, plants, controls)
     summary.update({"summary": True, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                     "wall_seconds": time.perf_counter() - started})

@@ -2,8 +2,14 @@
 
 Construction ("reverse plant"): the teacher T is the quality benchmark's pretrained tiny DiT, and the dataset is
 drawn from the very law T was pretrained on, so the teacher is consistent with its data by construction. The
-base B that the user fine-tunes is T with a random rank-r_s change added to each of |S| planted modules s:
-    W_s(B) = W_s(T) + c_s · U_s V_sᵀ · ||W_s(T)|| / √r_s       (U_s, V_s random orthonormal, r_s in [16, 48])
+base B that the user fine-tunes is T with a rank-r_s change added to each of |S| planted modules s:
+    W_s(B) = W_s(T) + c_s · D_s,   D_s = Σ_i a_i u_i v_π(i)ᵀ   (r_s in [rank_lo, rank_hi], ||D_s|| = ||W_s(T)||)
+where u_i are the top output directions of the module's loss curvature (eigenvectors of E[δδᵀ], δ = ∂loss/∂y),
+v_j the top input directions (eigenvectors of E[xxᵀ]), π a random pairing and a_i = 1/√(g_i σ_π(i)), so that every
+one of the r_s components costs the same loss (in the Kronecker-factored approximation). A change of random
+directions instead (version 2) sits mostly where the module's inputs never go: a rank-4 adapter then repairs most
+of its effect and no allocation can beat a flat LoRA, so the benchmark could not tell good maps from bad. Here a
+rank-k adapter in s can repair at most about k/r_s of the damage s does, which is what makes allocation matter.
 Each c_s is calibrated so that planting s ALONE raises the loss on the law by the same `damage` (every planted
 module matters equally), capped at c_s <= `max_scale` (2: a change at most twice the weight's norm). Modules that
 cannot reach the damage within the cap are too insensitive to plant and are never drawn: in the tiny base model
@@ -27,12 +33,13 @@ import torch
 
 from sidestep.analysis.modules import Category, category_of, targetable_modules
 from sidestep.models import original_to_diffusers
+from sidestep.objective import flow_matching_loss, noise_like, sampler_for_focus
 
 from quality_lib.base_model import MODEL_FOLDER, BaseModel, _write_original
 from quality_lib.evaluate import EvalSet, eval_loss, make_eval_set
-from quality_lib.synthetic import draw_samples
+from quality_lib.synthetic import draw_samples, random_batch
 
-PLANT_VERSION = 2
+PLANT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -41,8 +48,8 @@ class PlantSpec:
     modules: int = 6  # |S|, two per category when possible
     damage: float = 0.004  # loss increase each planted module causes alone
     max_scale: float = 2.0  # a planted change is at most this multiple of the weight's norm
-    rank_lo: int = 16
-    rank_hi: int = 48
+    rank_lo: int = 12
+    rank_hi: int = 32
 
 
 @dataclass(frozen=True)
@@ -62,11 +69,63 @@ def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
     return dict(model.named_modules())[original_to_diffusers(name)].weight
 
 
-def _direction(weight: torch.Tensor, rank: int, g: torch.Generator) -> torch.Tensor:
-    out, inp = weight.shape
-    u = torch.linalg.qr(torch.randn(out, rank, generator=g))[0]
-    v = torch.linalg.qr(torch.randn(inp, rank, generator=g))[0]
-    return (u @ v.T) * (weight.norm() / rank**0.5)
+@dataclass(frozen=True)
+class Curvature:
+    """A module's Kronecker factors on the law: input second moment A = E[xxᵀ], output-gradient moment B = E[δδᵀ]."""
+
+    a_vals: torch.Tensor
+    a_vecs: torch.Tensor  # columns, largest eigenvalue first
+    b_vals: torch.Tensor
+    b_vecs: torch.Tensor
+
+
+def measure_curvature(model: torch.nn.Module, names: list[str], law, variant, batches: int, seed: int) -> dict[str, Curvature]:
+    model = copy.deepcopy(model).eval()
+    model.requires_grad_(False)
+    mods = {n: dict(model.named_modules())[original_to_diffusers(n)] for n in names}
+    a = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
+    b = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    tokens = dict.fromkeys(names, 0)
+    hooks = []
+    for n, m in mods.items():
+        m.weight.requires_grad_(True)
+
+        def forward(_m, inp, _out, n=n):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+            a[n] += x.T @ x
+            tokens[n] += x.shape[0]
+
+        def backward(_m, _gin, gout, n=n):
+            d = gout[0].detach().reshape(-1, gout[0].shape[-1]).double()
+            b[n] += d.T @ d
+        hooks += [m.register_forward_hook(forward), m.register_full_backward_hook(backward)]
+    g = torch.Generator().manual_seed(seed)
+    sampler = sampler_for_focus("balanced", variant)
+    try:
+        for _ in range(batches):
+            batch = random_batch(law, 4, g)
+            flow_matching_loss(model, batch, sampler.sample(4, g), noise_like(batch.target_latents, g)).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n in names:
+        av, avec = torch.linalg.eigh(a[n] / max(tokens[n], 1))
+        bv, bvec = torch.linalg.eigh(b[n] / batches)
+        out[n] = Curvature(av.flip(0).clamp_min(0), avec.flip(1), bv.flip(0).clamp_min(0), bvec.flip(1))
+    return out
+
+
+def _direction(weight: torch.Tensor, curv: Curvature, rank: int, g: torch.Generator) -> torch.Tensor:
+    """`rank` equal-cost components on the module's top curvature directions, scaled to the weight's norm."""
+    rank = min(rank, len(curv.a_vals), len(curv.b_vals))
+    pairing = torch.randperm(rank, generator=g)
+    sign = torch.randint(0, 2, (rank,), generator=g).double() * 2 - 1
+    g_vals = curv.b_vals[:rank].clamp_min(curv.b_vals[0] * 1e-4)
+    s_vals = curv.a_vals[pairing].clamp_min(curv.a_vals[0] * 1e-4)
+    amp = sign / (g_vals * s_vals).sqrt()
+    delta = (curv.b_vecs[:, :rank] * amp) @ curv.a_vecs[:, pairing].T
+    return (delta * (weight.norm().double() / delta.norm())).to(weight.dtype)
 
 
 def _damage(teacher: torch.nn.Module, name: str, delta: torch.Tensor, probe: EvalSet, before: float) -> float:
@@ -119,9 +178,11 @@ def ensure_plant(base: BaseModel, teacher: torch.nn.Module, num_layers: int, var
     before = eval_loss(teacher, probe)[0]
     g = torch.Generator().manual_seed(70_000 + spec.seed)
     names = targetable_modules(num_layers)
-    # Sensitivity: a change of rank 32 and norm max_scale·||W|| must be able to do the damage, else the module is never planted.
-    reach = {n: _damage(teacher, n, spec.max_scale * _direction(_weight(teacher, n), 32, g), probe, before)
-             for n in names}
+    curvature = measure_curvature(teacher, names, base.law, variant, 16, 80_000)
+    # Sensitivity: a change of the top rank and norm max_scale·||W|| must be able to do the damage, else the module
+    # is never planted.
+    reach = {n: _damage(teacher, n, spec.max_scale * _direction(_weight(teacher, n), curvature[n], spec.rank_hi, g),
+                        probe, before) for n in names}
     eligible = [n for n in names if reach[n] >= spec.damage]
     if len(eligible) < spec.modules:  # a barely trained model (the --quick preset): the most sensitive ones
         eligible = sorted(names, key=lambda n: -reach[n])[: 2 * spec.modules]
@@ -130,7 +191,7 @@ def ensure_plant(base: BaseModel, teacher: torch.nn.Module, num_layers: int, var
     model = copy.deepcopy(teacher)
     for name in planted:
         rank = int(torch.randint(spec.rank_lo, spec.rank_hi + 1, (1,), generator=g))
-        delta = _direction(_weight(teacher, name), rank, g)
+        delta = _direction(_weight(teacher, name), curvature[name], rank, g)
         scale = _calibrate(teacher, name, delta, probe, before, spec.damage, spec.max_scale)
         with torch.no_grad():
             _weight(model, name).add_(scale * delta)

@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 
+from sidestep.analysis.allocate import allocate_ranks, select_modules
 from sidestep.analysis.config import AnalysisConfig, RankSignal
 from sidestep.analysis.run import analyze_dataset, build_map, signal_scores
 from sidestep.data import DatasetSpec, scan_dataset
-from sidestep.data.dataset import collate
+from sidestep.data.dataset import collate, load_sample
 from sidestep.models import LoadedModel, find_model
 from sidestep.models.select import ModelChoice
 from sidestep.training.adapters import module_shapes
@@ -29,6 +30,7 @@ from quality_lib.evaluate import EvalSet, eval_loss
 from quality_lib.runner import _adapted, _arm_dataset, _arm_map
 
 from .plant import Plant
+from .probe import probe_ablation_scores
 
 Log = Callable[[str], None]
 SIGNALS = tuple(s.value for s in RankSignal)
@@ -43,6 +45,7 @@ class CellConfig:
     warmup: int
     lrs: tuple[float, ...]
     signals: tuple[str, ...] = SIGNALS
+    arms: tuple[str, ...] | None = None  # train only these arms (flat always); None = all
 
 
 @dataclass
@@ -109,6 +112,15 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         scores = signal_scores(RankSignal(signal), result)
         top = sorted(scores, key=lambda n: (-scores[n], n))[: len(planted)]
         precision[signal] = len(planted & set(top)) / len(planted)
+    if cfg.arms is not None and "map_probe" in cfg.arms:
+        samples = [load_sample(f, DatasetSpec.from_model_config(entry.config)) for f in scan.files]
+        probe, probe_seconds = probe_ablation_scores(loaded.transformer, samples, loaded.num_layers, loaded.variant, seed)
+        selected = select_modules(probe, acfg.inclusion, acfg.category_floor)
+        alloc = allocate_ranks({n: probe[n] for n in selected}, {n: shapes[n] for n in selected}, acfg.rank_budget, shapes)
+        arms["map_probe"] = matched_arm("map_probe", alloc.ranks, shapes, b, target)
+        top = sorted(probe, key=lambda n: (-probe[n], n))[: len(planted)]
+        precision["probe"] = len(planted & set(top)) / len(planted)
+        log(f"  probe {probe_seconds:.1f}s; precision@|S| probe {precision['probe']:.2f}")
     stats = result.by_name
     arms["reference"] = matched_arm("reference", reference_ranks({n: s.fisher for n, s in stats.items()},
                                                                  {n: float(s.weight_rank or 1) for n, s in stats.items()},
@@ -128,6 +140,8 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     records = []
     template = replace(outcome.map, modules=(), created_at="", report=None, extra={})
     for key, arm in arms.items():
+        if cfg.arms is not None and key != "flat" and key not in cfg.arms:
+            continue
         folder = data.train_dir if arm.flat else _arm_dataset(cell / key, data.train_dir, _arm_map(template, arm, shapes))
         records.append(_train_arm(key, arm, folder, data, seed, choice, loaded, runtime, cfg, cell / key,
                                   teacher_out, base_out, log) | {"plant": plant.spec.seed})
