@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, FisherMap, read_map
@@ -185,12 +186,12 @@ def attach_adapter(transformer: torch.nn.Module, plan: AdapterPlan, init: InitPl
         module, marker = _split_adapter_name(name)
         if marker is None:
             raise ConfigError(f"Internal check failed: {name} would train but is not an adapter weight.")
-        param.data = param.data.float()
         adapted.add(diffusers_to_original(module))
         total += param.numel()
     if adapted != set(plan.ranks):
         odd = sorted(adapted ^ set(plan.ranks))[:3]
         raise ConfigError(f"Internal check failed: the injected adapter differs from the plan on {odd}.")
+    cast_training_params(transformer, dtype=torch.float32)  # fp32 master weights for exactly the checked parameters
     if init is not None and init.mode is InitMode.GRADIENT:
         apply_gradient_init(transformer, plan.ranks, init.bases)  # after the fp32 cast: A is set at full precision
     return total
