@@ -123,6 +123,22 @@ def test_corrupt_weights_file_is_a_checkpoint_error(checkpoint_root, tmp_path):
         load_model(find_model(root, "base"), CPU)
 
 
+def test_diffusers_layout_weights_are_checked_like_the_original(checkpoint_root, tmp_path):
+    """from_pretrained reads the diffusers layout; bad values and missing keys are still one CheckpointError."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_root / "acestep-v15-base-diffusers", root / "acestep-v15-base-diffusers")
+    weights = root / "acestep-v15-base-diffusers" / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight holds NaN or Inf"):
+        load_model(find_model(root, "acestep-v15-base-diffusers"), CPU)
+    del tensors["layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"1 missing \(e\.g\. layers\.1\.mlp\.up_proj\.weight\)"):
+        load_model(find_model(root, "acestep-v15-base-diffusers"), CPU)
+
+
 def test_sharded_original_checkpoint_loads(checkpoint_root, tmp_path, tiny_cfg):
     root, weights = _copy_model(checkpoint_root, tmp_path)
     tensors = load_file(str(weights))

@@ -391,9 +391,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 _VERSION = next(f for f in fields(FisherMap) if f.name == "version")
 # Top-level JSON keys the map defines (anything else is kept in `extra`).
-_KNOWN = frozenset(
-    {f.metadata.get("path", (f.name,))[0] for f in fields(FisherMap) if f.metadata.get("read", True)} | {"target_modules"}
-)
+_KNOWN = frozenset({f.metadata.get("path", (f.name,))[0] for f in fields(FisherMap) if f.metadata.get("read", True)}
+                   | {"target_modules"})
 _TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
                bool: ("true or false", "true or false values")}
 _COUNTS = {2: "two", 3: "three", 4: "four"}

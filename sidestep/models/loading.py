@@ -1,4 +1,8 @@
-"""Load a checkpoint's DiT into diffusers' AceStepTransformer1DModel, from either layout, strictly."""
+"""Load a checkpoint's DiT into diffusers' AceStepTransformer1DModel, from either layout, strictly.
+
+The diffusers layout goes through `from_pretrained(subfolder="transformer")`; ACE-Step's own layout, which diffusers
+cannot read, through the key renames of `models.convert`. Both first compare names and shapes from the file headers.
+"""
 
 from __future__ import annotations
 
@@ -48,44 +52,67 @@ def build_transformer(config: dict[str, Any], device: str | torch.device = "meta
 
 
 def load_model(entry: ModelEntry, runtime: Runtime) -> LoadedModel:
-    """Read the decoder weights of `entry`, shard by shard, into a frozen transformer on `runtime.device`."""
+    """Read the decoder weights of `entry` into a frozen transformer on `runtime.device`."""
     model = build_transformer(entry.config)
     _check_shapes(entry, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    expected = set(model.state_dict())
-    state: dict[str, torch.Tensor] = {}
-    null_emb: torch.Tensor | None = None
-    unknown: list[str] = []
-
-    for key, loader in _iter_tensors(entry):
-        if key == NULL_CONDITION_KEY:
-            null_emb = loader().to(runtime.device, runtime.dtype)
-            continue
-        if entry.layout is Layout.ORIGINAL:
-            target = original_key_to_diffusers(key)
-            if target is None:  # encoder.*, tokenizer.*, detokenizer.*: not the DiT
-                continue
-        else:
-            target = key
-        if target not in expected:
-            unknown.append(key)
-        elif target in state:
-            raise CheckpointError(f"{entry.path}: key {key!r} maps onto {target!r}, which another key already filled.")
-        else:
-            tensor = _cast(loader(), runtime)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"{entry.path}: the weight {key} holds NaN or Inf values (a damaged or "
-                                      f"diverged checkpoint, or values beyond {runtime.precision}); use another model.")
-            state[target] = tensor
-    _check_keys(entry, expected, state, unknown)
-    model.load_state_dict(state, strict=True, assign=True)
-    if null_emb is None and entry.layout is Layout.DIFFUSERS:
-        null_emb = _diffusers_null_embedding(entry, runtime)
-
+    if entry.layout is Layout.DIFFUSERS:
+        model, null_emb = _load_diffusers(entry, runtime), _diffusers_null_embedding(entry, runtime)
+    else:
+        model, null_emb = _load_original(entry, runtime, model)
     model.requires_grad_(False).eval()
     if runtime.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     variant = entry.defaults
     return LoadedModel(model, null_emb, variant, entry, runtime)
+
+
+def _load_diffusers(entry: ModelEntry, runtime: Runtime) -> AceStepTransformer1DModel:
+    """diffusers' own loader for its layout; the header check above has already matched names and shapes."""
+    try:
+        model, info = AceStepTransformer1DModel.from_pretrained(
+            entry.path, subfolder="transformer", torch_dtype=runtime.dtype, local_files_only=True,
+            output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{entry.transformer_dir}: cannot load the weights "
+                              f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}).") from err
+    found = set(model.state_dict()) - set(info.get("missing_keys") or ())
+    _check_keys(entry, set(model.state_dict()), dict.fromkeys(found), list(info.get("unexpected_keys") or ()))
+    for key, tensor in model.state_dict().items():
+        _check_finite(entry, key, tensor, runtime)
+    return model.to(runtime.device)
+
+
+def _load_original(entry: ModelEntry, runtime: Runtime, model: AceStepTransformer1DModel
+                   ) -> tuple[AceStepTransformer1DModel, torch.Tensor | None]:
+    """Our loader for ACE-Step's layout (diffusers has none for a `decoder.`-prefixed model.safetensors): renames
+    each key, one shard open at a time so peak RAM stays near one decoder copy."""
+    expected = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    null_emb: torch.Tensor | None = None
+    unknown: list[str] = []
+    for key, loader in _iter_tensors(entry):
+        if key == NULL_CONDITION_KEY:
+            null_emb = loader().to(runtime.device, runtime.dtype)
+            continue
+        target = original_key_to_diffusers(key)
+        if target is None:  # encoder.*, tokenizer.*, detokenizer.*: not the DiT
+            continue
+        if target not in expected:
+            unknown.append(key)
+        elif target in state:
+            raise CheckpointError(f"{entry.path}: key {key!r} maps onto {target!r}, which another key already filled.")
+        else:
+            state[target] = _check_finite(entry, key, _cast(loader(), runtime), runtime)
+    _check_keys(entry, expected, state, unknown)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model, null_emb
+
+
+def _check_finite(entry: ModelEntry, key: str, tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{entry.path}: the weight {key} holds NaN or Inf values (a damaged or "
+                              f"diverged checkpoint, or values beyond {runtime.precision}); use another model.")
+    return tensor
 
 
 def _cast(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -153,9 +180,8 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
 
 
 def _iter_tensors(entry: ModelEntry) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(key, lazy loader) for every tensor, one shard open at a time so peak RAM stays near one decoder copy."""
-    stem = "diffusion_pytorch_model" if entry.layout is Layout.DIFFUSERS else "model"
-    for path in _weight_files(entry.transformer_dir, stem):
+    """(key, lazy loader) for every tensor of an original-layout checkpoint, one shard open at a time."""
+    for path in _weight_files(entry.transformer_dir, "model"):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in handle.keys():
