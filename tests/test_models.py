@@ -1,8 +1,10 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sidestep.errors import CheckpointError, ConfigError
@@ -15,6 +17,7 @@ from sidestep.models.convert import (
 )
 from sidestep.models.discovery import Layout
 from sidestep.models.variants import folder_for, variant_from_folder
+from sidestep.testing.demo import demo_config
 from sidestep.testing.tiny import (
     build_tiny_audio_tokenizers,
     build_tiny_condition_encoder,
@@ -193,6 +196,22 @@ def test_runtime_auto_and_flags():
         resolve_runtime("cpu", "fp8")
     with pytest.raises(ConfigError, match="CUDA"):
         resolve_runtime("cuda")
+
+
+def test_demo_checkpoint_holds_the_weights_acestep_expects(tmp_path):
+    """Every key and shape ACE-Step 1.5's own model class asks for at the demo's sizes (tests/golden, recorded from
+    its `AutoModel.from_pretrained(..., trust_remote_code=True)`), and nothing else."""
+    golden = json.loads((Path(__file__).parent / "golden" / "acestep_v15_demo_keys.json").read_text(encoding="utf-8"))
+    expected = {}
+    for pattern, shape in golden["keys"].items():
+        stack = pattern.split(".layers.{i}.")[0] if ".layers.{i}." in pattern else None
+        for i in range(golden["layers"][stack] if stack else 1):
+            expected[pattern.replace("{i}", str(i))] = shape
+    folder = write_original_checkpoint(tmp_path, demo_config())
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        written = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    assert sorted(set(written) - set(expected)) == [] and sorted(set(expected) - set(written)) == []
+    assert {k: v for k, v in written.items() if expected[k] != v} == {}
 
 
 @pytest.mark.parametrize("turbo", [False, True], ids=["base", "turbo"])
