@@ -10,7 +10,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from diffusers import AceStepTransformer1DModel
@@ -22,7 +22,8 @@ from sidestep.models.device import Runtime
 from sidestep.models.discovery import Layout, ModelEntry
 from sidestep.models.variants import Variant
 
-__all__ = ["LoadedModel", "load_model", "transformer_kwargs", "build_transformer"]
+__all__ = ["LoadedModel", "load_model", "transformer_kwargs", "build_transformer", "check_weight_keys", "iter_tensors",
+           "weight_files"]
 
 _TRANSFORMER_ARGS = tuple(p for p in inspect.signature(AceStepTransformer1DModel.__init__).parameters if p != "self")
 
@@ -90,7 +91,7 @@ def _load_original(entry: ModelEntry, runtime: Runtime, model: AceStepTransforme
     state: dict[str, torch.Tensor] = {}
     null_emb: torch.Tensor | None = None
     unknown: list[str] = []
-    for key, loader in _iter_tensors(entry):
+    for key, loader in iter_tensors(entry.transformer_dir, "model"):
         if key == NULL_CONDITION_KEY:
             null_emb = loader().to(runtime.device, runtime.dtype)
             continue
@@ -143,7 +144,7 @@ def _check_shapes(entry: ModelEntry, expected: dict[str, tuple[int, ...]]) -> No
 
 def _iter_shapes(entry: ModelEntry) -> Iterator[tuple[str, tuple[int, ...]]]:
     stem = "diffusion_pytorch_model" if entry.layout is Layout.DIFFUSERS else "model"
-    for path in _weight_files(entry.transformer_dir, stem):
+    for path in weight_files(entry.transformer_dir, stem):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 shapes = [(key, tuple(handle.get_slice(key).get_shape())) for key in handle.keys()]
@@ -152,20 +153,24 @@ def _iter_shapes(entry: ModelEntry) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield from shapes
 
 
+def check_weight_keys(source: Path, what: str, missing: Iterable[Any], unexpected: Iterable[Any],
+                      mismatched: Iterable[Any] = ()) -> None:
+    """One CheckpointError naming how many keys are missing, unexpected or mis-shaped (a few of each); else nothing."""
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        names = sorted(str(k) for k in keys or ())
+        if names:
+            parts.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+    if parts:
+        raise CheckpointError(f"{source}: the weights do not match {what}: {'; '.join(parts)}.")
+
+
 def _check_keys(entry: ModelEntry, expected: set[str], state: dict, unknown: list[str]) -> None:
-    missing = sorted(expected - set(state))
-    if unknown or missing:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unknown:
-            parts.append(f"{len(unknown)} unexpected (e.g. {', '.join(sorted(unknown)[:3])})")
-        raise CheckpointError(
-            f"{entry.path}: the weights do not match the ACE-Step DiT described by its config.json: {'; '.join(parts)}."
-        )
+    check_weight_keys(entry.path, "the ACE-Step DiT described by its config.json", expected - set(state), unknown)
 
 
-def _weight_files(folder: Path, stem: str) -> list[Path]:
+def weight_files(folder: Path, stem: str) -> list[Path]:
+    """`folder/<stem>.safetensors`, or the shards its `.index.json` names."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         try:
@@ -179,26 +184,30 @@ def _weight_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"{folder}: no {stem}.safetensors (or sharded index) found.")
 
 
-def _iter_tensors(entry: ModelEntry) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(key, lazy loader) for every tensor of an original-layout checkpoint, one shard open at a time."""
-    for path in _weight_files(entry.transformer_dir, "model"):
+def iter_tensors(folder: Path, stem: str) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(key, lazy loader) for every tensor of `folder/<stem>.safetensors` or its shards, one shard open at a time
+    so peak RAM stays near one copy of what the caller keeps."""
+    for path in weight_files(folder, stem):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in handle.keys():
-                    yield key, (lambda k=key, h=handle: h.get_tensor(k))
+                    yield key, (lambda k=key, h=handle, p=path: _get_tensor(h, k, p))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: cannot read the weights ({err}).") from err
+
+
+def _get_tensor(handle: Any, key: str, path: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError) as err:  # raised in the caller's frame, outside the generator's guard
+        raise CheckpointError(f"{path}: cannot read the weight {key} ({err}).") from err
 
 
 def _diffusers_null_embedding(entry: ModelEntry, runtime: Runtime) -> torch.Tensor | None:
     folder = entry.path / "condition_encoder"
     if not folder.is_dir():
         return None
-    for path in _weight_files(folder, "diffusion_pytorch_model"):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                if NULL_CONDITION_KEY in handle.keys():
-                    return handle.get_tensor(NULL_CONDITION_KEY).to(runtime.device, runtime.dtype)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: cannot read the weights ({err}).") from err
+    for key, loader in iter_tensors(folder, "diffusion_pytorch_model"):
+        if key == NULL_CONDITION_KEY:
+            return loader().to(runtime.device, runtime.dtype)
     return None
