@@ -31,6 +31,7 @@ from sidestep.models.convert import NULL_CONDITION_KEY, original_to_diffusers
 from sidestep.models.device import Runtime
 from sidestep.models.discovery import Layout, ModelEntry, read_config
 from sidestep.models.loading import check_weight_keys, iter_tensors
+from sidestep.naming import ENCODER_PREFIX
 
 __all__ = [
     "Encoders", "load_encoders", "require_encoder_files", "vae_geometry", "encode_audio", "encode_condition", "context_latents",
@@ -40,7 +41,6 @@ __all__ = [
 TEXT_MAX_LENGTH = 256  # caption prompt tokens (padding="max_length")
 LYRIC_MAX_LENGTH = 512  # lyric tokens for training (the inference handler uses up to 2048)
 TEXT_ENCODER_FOLDER = "Qwen3-Embedding-0.6B"
-ENCODER_PREFIX = "encoder."
 SILENCE_FILE = "silence_latent.pt"
 _SILENCE_KEY = "silence_latent"
 

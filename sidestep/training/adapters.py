@@ -19,7 +19,8 @@ from diffusers.training_utils import cast_training_params
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, FisherMap, read_map
-from sidestep.analysis.modules import PROJECTIONS, Category, ModuleShape, category_of, module_sort_key, targetable_modules
+from sidestep.analysis.modules import (PROJECTIONS, Category, ModuleShape, category_of, module_sort_key,
+                                      strip_decoder_prefix, targetable_modules)
 from sidestep.data import dataset_hash
 from sidestep.errors import ConfigError, MapError
 from sidestep.models.convert import diffusers_to_original, original_to_diffusers
@@ -90,7 +91,7 @@ def resolve_targets(items: tuple[str, ...], num_layers: int) -> list[str]:
         if item in TARGET_GROUPS:
             hits = [name for name in every if category_of(name).value == item]
         else:
-            wanted = diffusers_to_original(item.removeprefix("decoder."))
+            wanted = diffusers_to_original(strip_decoder_prefix(item))
             hits = [name for name in every if name == wanted or name.endswith("." + wanted)]
         if not hits:
             suffixes = ", ".join(p.split(".")[1] for p in PROJECTIONS[:4] + PROJECTIONS[8:])
