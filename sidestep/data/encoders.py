@@ -244,6 +244,8 @@ def _condition_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_condition_encoder(entry: ModelEntry, root: Path) -> tuple[AceStepConditionEncoder, torch.Tensor]:
+    # Not from_pretrained for the diffusers layout: one path for both layouts, since ACE-Step's own has no diffusers
+    # loader and both need the same silence-latent fallback and key check.
     if entry.layout is Layout.DIFFUSERS:
         folder = entry.path / "condition_encoder"
         if not (folder / "config.json").is_file():
