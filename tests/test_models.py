@@ -185,6 +185,13 @@ def test_variant_defaults_and_config_override(tmp_path):
     loaded = load_model(find_model(tmp_path, "turbo"), CPU)
     assert loaded.variant.is_turbo and loaded.variant.timestep_mu == 0.3 and loaded.variant.timestep_sigma == 1.0
     assert folder_for("xl-sft") == "acestep-v15-xl-sft" and variant_from_folder("acestep-v15-turbo-shift3") == "turbo"
+    # a fine-tune that only says `is_turbo` in its config samples like turbo (8 steps, shift 3), and the reverse
+    from sidestep.models.variants import resolve_variant
+
+    tuned = resolve_variant(None, {"is_turbo": True})
+    assert (tuned.is_turbo, tuned.inference_steps, tuned.shift) == (True, 8, 3.0)
+    plain = resolve_variant("turbo", {"is_turbo": False})
+    assert (plain.is_turbo, plain.inference_steps, plain.shift) == (False, 50, 1.0)
 
 
 def test_runtime_auto_and_flags():
