@@ -25,6 +25,7 @@ from sidestep.models.variants import Variant
 __all__ = ["LoadedModel", "load_model", "transformer_kwargs", "build_transformer", "check_weight_keys", "iter_tensors",
            "weight_files"]
 
+_DIT = "the ACE-Step DiT described by its config.json"
 _TRANSFORMER_ARGS = tuple(p for p in inspect.signature(AceStepTransformer1DModel.__init__).parameters if p != "self")
 
 
@@ -76,8 +77,9 @@ def _load_diffusers(entry: ModelEntry, runtime: Runtime) -> AceStepTransformer1D
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{entry.transformer_dir}: cannot load the weights "
                               f"({str(err).splitlines()[0][:160] if str(err) else type(err).__name__}).") from err
-    found = set(model.state_dict()) - set(info.get("missing_keys") or ())
-    _check_keys(entry, set(model.state_dict()), dict.fromkeys(found), list(info.get("unexpected_keys") or ()))
+    # null_condition_emb is read from condition_encoder/, wherever a converter put it
+    unexpected = [k for k in info.get("unexpected_keys") or () if k != NULL_CONDITION_KEY]
+    check_weight_keys(entry.path, _DIT, info.get("missing_keys"), unexpected)
     for key, tensor in model.state_dict().items():
         _check_finite(entry, key, tensor, runtime)
     return model.to(runtime.device)
@@ -166,7 +168,7 @@ def check_weight_keys(source: Path, what: str, missing: Iterable[Any], unexpecte
 
 
 def _check_keys(entry: ModelEntry, expected: set[str], state: dict, unknown: list[str]) -> None:
-    check_weight_keys(entry.path, "the ACE-Step DiT described by its config.json", expected - set(state), unknown)
+    check_weight_keys(entry.path, _DIT, expected - set(state), unknown)
 
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
