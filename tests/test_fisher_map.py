@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from sidestep.analysis.fisher_map import (
     to_json_dict,
     write_map,
 )
+from sidestep.analysis.fisher_map import _Decoder
 from sidestep.analysis.modules import PROJECTIONS, ModuleShape, suffix_of, targetable_modules
 from sidestep.errors import MapError
 
@@ -222,7 +224,7 @@ BAD_MAPS = [
     ("no alpha_pattern", _drop("alpha_pattern"), "'alpha_pattern'"),
     ("rank_pattern a list", _set("rank_pattern", [1]), "'rank_pattern' must be an object"),
     ("target_modules a string", _set("target_modules", "q_proj"), "'target_modules' must be a list"),
-    ("target not a module", _set("target_modules/0", "to_q"), "'target_modules'"),
+    ("target not a module", _set("target_modules/0", "to_q"), "'target_modules[0]' holds 'to_q'"),
     ("version 4", _set("version", 4), "version 4"),
     ("version 0", _set("version", 0), "version 0"),
     ("version a string", _set("version", "2"), "'version' must be an integer"),
@@ -238,7 +240,7 @@ BAD_MAPS = [
     ("timestep_range short", _set("timestep_range", [0.0]), "'timestep_range' must be two numbers"),
     ("rank_budget min", _set("rank_budget/min", "16"), "'rank_budget.min'"),
     ("timestep_params partial", _edit(lambda d: d["timestep_params"].pop("sigma")), "lacks 'sigma'"),
-    ("module not an object", _set("modules/0", "decoder.layers.0.mlp.up_proj"), "'modules'"),
+    ("module not an object", _set("modules/0", "decoder.layers.0.mlp.up_proj"), "'modules[0]' must be an object"),
     ("module score a string", _set("modules/0/fisher_score", "big"), "fisher_score"),
     ("coverage run missing", _edit(lambda d: d["sample_coverage"][0].pop("run")), "lacks 'run'"),
     ("coverage files not strings", _set("sample_coverage/0/selected_files", [1]), "selected_files"),
@@ -257,6 +259,59 @@ def test_malformed_map_is_one_sentence_naming_the_file(tmp_path, label, content,
     assert expected in message
     assert message.endswith("; delete it or pass --ignore-fisher-map.")
     assert "\n" not in message
+
+
+NESTED_BAD = [
+    ("convergence/runs/1/batches", "many", "'convergence.runs[1].batches' must be an integer, not 'many'"),
+    ("convergence/runs/0/final_spearman", [0.9], "'convergence.runs[0].final_spearman' must be a number, not [0.9]"),
+    ("tool/version", 1, "'tool.version' must be a string, not 1"),
+    ("init/k", "4", "'init.k' must be an integer, not '4'"),
+    ("init/file", "../x.safetensors", "'init.file' holds '../x.safetensors', not a file name beside the map"),
+    ("modules/2/data_rank", 1.5, "'modules[2].data_rank' must be an integer, not 1.5"),
+    ("timestep_params/mu", 10**400, "'timestep_params.mu' must be a number"),
+]
+
+
+@pytest.mark.parametrize("path, value, expected", NESTED_BAD, ids=[c[0] for c in NESTED_BAD])
+def test_a_wrong_type_deep_in_the_map_names_its_field_path(path, value, expected):
+    data = _v2()
+    data["convergence"] = {"runs": [{"run": 0, "batches": 12, "final_spearman": 0.99}, {"run": 1, "batches": 11}]}
+    data["tool"] = {"name": "sidestep", "version": "0.1.0"}
+    data["init"] = {"file": "fisher_init.safetensors", "sha256": "ab" * 32, "k": 4, "seed": 0}
+    assert from_json_dict(data, Path("m.json")).convergence.runs[1].batches == 11  # the valid form reads
+    *parents, last = path.split("/")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = value
+    with pytest.raises(MapError) as info:
+        from_json_dict(data, Path("m.json"))
+    message = str(info.value)
+    assert message.startswith(f"m.json: {expected}") and message.endswith("; delete it or pass --ignore-fisher-map.")
+    assert "\n" not in message
+
+
+class _Focus(str, Enum):
+    TEXTURE = "texture"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Span:
+    focus: _Focus
+    bounds: tuple[float, float]
+    named: dict[str, TimestepParams] = dataclasses.field(default_factory=dict)
+
+
+def test_the_reader_follows_the_field_types_of_any_record():
+    """Enums, fixed tuples and dicts of records read by their type hints alone (the map's future fields)."""
+    read = _Decoder(Path("m.json")).value
+    span = read({"focus": "texture", "bounds": [0, 1], "named": {"a": {"mu": 0, "sigma": 1, "data_proportion": 0.5}}},
+                _Span, "span")
+    assert span == _Span(_Focus.TEXTURE, (0.0, 1.0), {"a": TimestepParams(0.0, 1.0, 0.5)})
+    with pytest.raises(MapError, match=r"'span.focus' must be one of 'texture', not 'loud'"):
+        read({"focus": "loud", "bounds": [0, 1]}, _Span, "span")
+    with pytest.raises(MapError, match=r"'span.named\[a\]' lacks 'sigma'"):
+        read({"focus": "texture", "bounds": [0, 1], "named": {"a": {"mu": 0, "data_proportion": 0}}}, _Span, "span")
 
 
 def test_missing_map_says_how_to_make_one(tmp_path):

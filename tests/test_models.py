@@ -1,8 +1,10 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sidestep.errors import CheckpointError, ConfigError
@@ -15,6 +17,7 @@ from sidestep.models.convert import (
 )
 from sidestep.models.discovery import Layout
 from sidestep.models.variants import folder_for, variant_from_folder
+from sidestep.testing.demo import demo_config
 from sidestep.testing.tiny import (
     build_tiny_audio_tokenizers,
     build_tiny_condition_encoder,
@@ -123,6 +126,22 @@ def test_corrupt_weights_file_is_a_checkpoint_error(checkpoint_root, tmp_path):
         load_model(find_model(root, "base"), CPU)
 
 
+def test_diffusers_layout_weights_are_checked_like_the_original(checkpoint_root, tmp_path):
+    """from_pretrained reads the diffusers layout; bad values and missing keys are still one CheckpointError."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_root / "acestep-v15-base-diffusers", root / "acestep-v15-base-diffusers")
+    weights = root / "acestep-v15-base-diffusers" / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight holds NaN or Inf"):
+        load_model(find_model(root, "acestep-v15-base-diffusers"), CPU)
+    del tensors["layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"1 missing \(e\.g\. layers\.1\.mlp\.up_proj\.weight\)"):
+        load_model(find_model(root, "acestep-v15-base-diffusers"), CPU)
+
+
 def test_sharded_original_checkpoint_loads(checkpoint_root, tmp_path, tiny_cfg):
     root, weights = _copy_model(checkpoint_root, tmp_path)
     tensors = load_file(str(weights))
@@ -166,6 +185,13 @@ def test_variant_defaults_and_config_override(tmp_path):
     loaded = load_model(find_model(tmp_path, "turbo"), CPU)
     assert loaded.variant.is_turbo and loaded.variant.timestep_mu == 0.3 and loaded.variant.timestep_sigma == 1.0
     assert folder_for("xl-sft") == "acestep-v15-xl-sft" and variant_from_folder("acestep-v15-turbo-shift3") == "turbo"
+    # a fine-tune that only says `is_turbo` in its config samples like turbo (8 steps, shift 3), and the reverse
+    from sidestep.models.variants import resolve_variant
+
+    tuned = resolve_variant(None, {"is_turbo": True})
+    assert (tuned.is_turbo, tuned.inference_steps, tuned.shift) == (True, 8, 3.0)
+    plain = resolve_variant("turbo", {"is_turbo": False})
+    assert (plain.is_turbo, plain.inference_steps, plain.shift) == (False, 50, 1.0)
 
 
 def test_runtime_auto_and_flags():
@@ -177,6 +203,22 @@ def test_runtime_auto_and_flags():
         resolve_runtime("cpu", "fp8")
     with pytest.raises(ConfigError, match="CUDA"):
         resolve_runtime("cuda")
+
+
+def test_demo_checkpoint_holds_the_weights_acestep_expects(tmp_path):
+    """Every key and shape ACE-Step 1.5's own model class asks for at the demo's sizes (tests/golden, recorded from
+    its `AutoModel.from_pretrained(..., trust_remote_code=True)`), and nothing else."""
+    golden = json.loads((Path(__file__).parent / "golden" / "acestep_v15_demo_keys.json").read_text(encoding="utf-8"))
+    expected = {}
+    for pattern, shape in golden["keys"].items():
+        stack = pattern.split(".layers.{i}.")[0] if ".layers.{i}." in pattern else None
+        for i in range(golden["layers"][stack] if stack else 1):
+            expected[pattern.replace("{i}", str(i))] = shape
+    folder = write_original_checkpoint(tmp_path, demo_config())
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        written = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    assert sorted(set(written) - set(expected)) == [] and sorted(set(expected) - set(written)) == []
+    assert {k: v for k, v in written.items() if expected[k] != v} == {}
 
 
 @pytest.mark.parametrize("turbo", [False, True], ids=["base", "turbo"])

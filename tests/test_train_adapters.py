@@ -77,6 +77,16 @@ def test_ignore_fisher_map_gives_flat_ranks(ds, tmp_path):
     assert _ranks_in_model(model) == dict.fromkeys(targetable_modules(2), 4)
 
 
+def test_adapter_weights_train_in_fp32_on_a_bf16_model(ds, tmp_path):
+    plan = plan_adapter(TrainConfig(ds, tmp_path / "o", rank=4, ignore_fisher_map=True), "base", False, 2)
+    model = build_tiny_transformer(tiny_config(num_layers=2, hidden=32)).to(torch.bfloat16).requires_grad_(False)
+    attach_adapter(model, plan)
+    dtypes = {p.requires_grad: set() for p in model.parameters()}
+    for p in model.parameters():
+        dtypes[p.requires_grad].add(p.dtype)
+    assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}}
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"model_variant": "turbo"}, "made for the turbo model"),
     ({"num_hidden_layers": 24}, "24-layer model"),

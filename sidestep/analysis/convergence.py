@@ -1,6 +1,6 @@
 """Rank correlation and the convergence rule of the Fisher estimate (docs/algorithm.md §3).
 
-Pure numpy. A run has converged when the Spearman correlation between the current module ranking and
+A run has converged when the Spearman correlation between the current module ranking and
 the one `patience` batches earlier stays at or above `threshold` for `patience` consecutive checks.
 """
 
@@ -11,40 +11,27 @@ from collections import deque
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import spearmanr
 
-__all__ = ["ConvergenceTracker", "mean_pairwise_spearman", "rankdata", "spearman"]
-
-
-def rankdata(values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (scipy's `rankdata(method="average")`)."""
-    x = np.asarray(values, dtype=np.float64).ravel()
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # Start index of each run of equal values, and the average 1-based rank of that run.
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return ranks
+__all__ = ["ConvergenceTracker", "mean_pairwise_spearman", "spearman"]
 
 
 def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Spearman's rho of two equally long vectors (Pearson correlation of their tie-averaged ranks).
+    """Spearman's rho of two equally long vectors (`scipy.stats.spearmanr`, ties averaged).
 
     When a vector is constant its ranking carries no order: two constant vectors count as identical
-    rankings (1.0), a constant against a varying one as unrelated (0.0).
+    rankings (1.0), a constant against a varying one as unrelated (0.0); scipy gives NaN there, which
+    the convergence rule cannot compare.
     """
-    ra, rb = rankdata(a), rankdata(b)
-    if ra.shape != rb.shape:
-        raise ValueError(f"spearman needs vectors of the same length, got {ra.size} and {rb.size}.")
-    if ra.size < 2:
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs vectors of the same length, got {x.size} and {y.size}.")
+    if x.size < 2:
         return 1.0
-    da, db = ra - ra.mean(), rb - rb.mean()
-    norm = float(np.sqrt((da * da).sum() * (db * db).sum()))
-    if norm == 0.0:
-        return 1.0 if np.all(da == 0) and np.all(db == 0) else 0.0
-    return float(np.clip((da * db).sum() / norm, -1.0, 1.0))
+    flat_x, flat_y = bool(np.all(x == x[0])), bool(np.all(y == y[0]))
+    if flat_x or flat_y:
+        return 1.0 if flat_x and flat_y else 0.0
+    return float(spearmanr(x, y).statistic)
 
 
 def mean_pairwise_spearman(estimates: Sequence[Sequence[float] | np.ndarray]) -> float | None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import MISSING, dataclass, field, fields, replace
+import types
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from datetime import datetime, timezone
+from enum import Enum
+from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Callable, Union, get_args, get_origin, get_type_hints
 
 from sidestep import __version__
 from sidestep.analysis.modules import DECODER_PREFIX, PROJECTIONS, category_of, module_sort_key, strip_decoder_prefix, suffix_of
@@ -36,17 +39,64 @@ _MAX_DEPTH = 16  # the map's own structure nests 4 deep; unknown extra fields ge
 _MAX_RANK = 1 << 16  # wider than any ACE-Step module; checked against the real module shapes at training time
 
 
+@dataclass(frozen=True)
+class _Check:
+    """What a JSON value must be beyond its type, as `Annotated` metadata: `convert` gives the value to keep or None."""
+
+    describe: str
+    convert: Callable[[Any], Any]
+
+
+def _module_name(value: str, keep_suffix: bool = False) -> str | None:
+    name = strip_decoder_prefix(value)
+    try:
+        module_sort_key(f"layers.0.{name}" if keep_suffix else name)
+    except ValueError:
+        return None
+    return name
+
+
+def _positive_alpha(value: int | float) -> int | float | None:
+    try:
+        ok = math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float
+        ok = False
+    return (int(value) if isinstance(value, float) and value.is_integer() else value) if ok else None
+
+
+def _beside_map(file: str) -> str | None:
+    """The init file must be a plain name beside the map, never a path out of the dataset folder."""
+    bad = not file or file in (".", "..") or any(c in file for c in "/\\:\0")
+    return None if bad else file
+
+
+# The types of the map's fields carry their JSON rules: the reader below is derived from them.
+ModuleName = Annotated[str, _Check("an ACE-Step target module", _module_name)]  # on disk possibly `decoder.`-prefixed
+ModuleSuffix = Annotated[str, _Check("an ACE-Step target module", lambda v: _module_name(v, keep_suffix=True))]
+Rank = Annotated[int, _Check(f"a positive integer up to {_MAX_RANK}", lambda v: v if 0 < v <= _MAX_RANK else None)]
+Alpha = Annotated[Union[int, float], _Check("a positive number", _positive_alpha)]
+FileName = Annotated[str, _Check("a file name beside the map", _beside_map)]
+
+
+def _absent(value: Any) -> dict[str, Any]:
+    """Field metadata: the value a map that lacks this field (an older one) reads as."""
+    return {"absent": value}
+
+
+_DERIVED = {"read": False}  # field metadata: not read from the map (worked out from other fields)
+
+
 @dataclass(frozen=True, slots=True)
 class ModuleEntry:
     """One adapted module; `name` is the original name (no `decoder.`), `category` is filled from it."""
 
-    name: str
-    fisher_score: float
-    fisher_cross_run_std: float
+    name: ModuleName
+    fisher_score: float = field(metadata=_absent(0.0))
+    fisher_cross_run_std: float = field(metadata=_absent(0.0))
     effective_rank: int | None  # weight effective rank (reference's spectral factor); None when not measured
-    assigned_rank: int
+    assigned_rank: Rank  # a map entry without one takes the module's rank_pattern rank
     data_rank: int | None = None
-    category: str = ""
+    category: str = field(default="", metadata=_DERIVED)
 
     def __post_init__(self) -> None:
         if not self.category:
@@ -103,7 +153,7 @@ class ToolInfo:
 class InitRef:
     """The gradient-init file stored next to the map (relative path), its hash, sketch width and seed."""
 
-    file: str
+    file: FileName
     sha256: str
     k: int
     seed: int
@@ -117,11 +167,11 @@ class FisherMap:
     `rank_pattern`. Fields a map may lack (reference or older maps) are None, 0 or empty.
     """
 
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, int | float]
+    rank_pattern: dict[ModuleName, Rank]
+    alpha_pattern: dict[ModuleName, Alpha]
     modules: tuple[ModuleEntry, ...] = ()
-    excluded_modules: tuple[str, ...] = ()
-    version: int = MAP_VERSION
+    excluded_modules: tuple[ModuleName, ...] = ()
+    version: int = field(default=MAP_VERSION, metadata=_absent(1))  # maps before version 2 carry none
     model_variant: str = ""
     timestep_focus: str = "balanced"
     timestep_range: tuple[float, float] = (0.0, 1.0)
@@ -130,8 +180,8 @@ class FisherMap:
     batches_per_run: int = 0
     total_batches: int = 0
     base_rank: int | None = None
-    rank_min: int | None = None
-    rank_max: int | None = None
+    rank_min: int | None = field(default=None, metadata={"path": ("rank_budget", "min")})
+    rank_max: int | None = field(default=None, metadata={"path": ("rank_budget", "max")})
     dataset_hash: str = ""
     sample_coverage: tuple[SampleCoverage, ...] = ()
     num_hidden_layers: int | None = None
@@ -145,11 +195,11 @@ class FisherMap:
     trainable_params: int | None = None
     flat_equivalent_params: int | None = None
     convergence: Convergence | None = None
-    low_confidence_modules: tuple[str, ...] = ()
+    low_confidence_modules: tuple[ModuleName, ...] = ()
     content_hash: str | None = None
     report: str | None = None
     init: InitRef | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, metadata=_DERIVED)  # the fields this sidestep does not know
 
     @property
     def target_modules(self) -> list[str]:
@@ -237,13 +287,6 @@ def write_map(fmap: FisherMap, path: Path) -> Path | None:
     return backup
 
 
-def _finite_positive(value: int | float) -> bool:
-    try:
-        return math.isfinite(float(value)) and value > 0
-    except OverflowError:  # an int too large for a float
-        return False
-
-
 def _module_json(entry: ModuleEntry) -> dict[str, Any]:
     out = {
         "name": DECODER_PREFIX + entry.name,  # the reference's form
@@ -307,74 +350,69 @@ def _depth(data: Any) -> int:
 
 
 def from_json_dict(data: Any, source: Path) -> FisherMap:
-    """Validate a parsed map of version 1 to 3; fields it lacks get their defaults, unknown ones go to `extra`."""
-    r = _Reader(source)
+    """Validate a parsed map of version 1 to 3; fields it lacks get their defaults, unknown ones go to `extra`.
+
+    The checks come from the dataclasses' field types (`_Decoder`); only what spans fields is written here.
+    """
+    d = _Decoder(source)
     if not isinstance(data, dict):
-        raise r.fail(f"holds a JSON {type(data).__name__}, not an object")
-    version = r.typed(data, "version", int, 1)
+        raise d.fail(f"holds a JSON {type(data).__name__}, not an object")
+    version = d.field(data, FisherMap, _VERSION, "")
     if not 1 <= version <= MAP_VERSION:
-        raise r.fail(f"has version {version}, but this sidestep reads versions 1 to {MAP_VERSION}")
+        raise d.fail(f"has version {version}, but this sidestep reads versions 1 to {MAP_VERSION}")
     for key in ("target_modules", "rank_pattern", "alpha_pattern"):
-        if key not in data:
-            raise r.fail(f"lacks the required field '{key}'")
-    r.names(data, "target_modules", keep_suffix=True)
-    ranks, alphas = r.patterns(data)
-    budget = r.typed(data, "rank_budget", dict, {})
-    return FisherMap(
-        **{key: r.typed(data, key, kind, _DEFAULTS[key]) for key, kind in _SCALARS.items()},
-        rank_pattern=ranks,
-        alpha_pattern=alphas,
-        modules=tuple(r.module(entry, ranks) for entry in r.typed(data, "modules", list, [])),
-        excluded_modules=tuple(r.names(data, "excluded_modules")),
-        version=version,
-        timestep_range=r.timestep_range(data),
-        timestep_params=r.nested(data, "timestep_params", TimestepParams),
-        rank_min=r.typed(budget, "min", int, None, where="rank_budget.min"),
-        rank_max=r.typed(budget, "max", int, None, where="rank_budget.max"),
-        sample_coverage=tuple(
-            r.nested({"_": c}, "_", SampleCoverage, where="sample_coverage[]")
-            for c in r.typed(data, "sample_coverage", list, [])
-        ),
-        tool=r.nested(data, "tool", ToolInfo),
-        convergence=r.convergence(data),
-        low_confidence_modules=tuple(r.names(data, "low_confidence_modules")),
-        init=r.init_ref(data),
-        extra={key: value for key, value in data.items() if key not in _KNOWN},
-    )
+        if data.get(key) is None:
+            raise d.fail(f"lacks the required field '{key}'")
+    d.value(data["target_modules"], list[ModuleSuffix], "target_modules")  # written from rank_pattern, checked only
+    values = d.fields(_with_assigned_ranks(data), FisherMap, "", skip=("version",))
+    ranks, alphas = values["rank_pattern"], values["alpha_pattern"]
+    if set(ranks) != set(alphas):
+        odd = sorted(set(ranks) ^ set(alphas), key=module_sort_key)[0]
+        raise d.fail(f"rank_pattern and alpha_pattern list different modules (e.g. {odd})")
+    return FisherMap(**values, version=version, extra={key: value for key, value in data.items() if key not in _KNOWN})
 
 
-# Top-level fields that are one JSON scalar each, with their type; absent or null gives the dataclass default.
-_SCALARS: dict[str, type] = {
-    **dict.fromkeys(("model_variant", "timestep_focus", "dataset_hash", "created_at"), str),
-    **dict.fromkeys(("rank_signal", "budget_mode", "content_hash", "report"), str),
-    **dict.fromkeys(("num_runs", "batches_per_run", "total_batches", "base_rank", "num_hidden_layers"), int),
-    **dict.fromkeys(("seed", "rank_step", "trainable_params", "flat_equivalent_params"), int),
-    "alpha_ratio": float,
-}
-_DEFAULTS = {f.name: f.default for f in fields(FisherMap)}
-_KNOWN = frozenset(
-    {f.name for f in fields(FisherMap)} - {"rank_min", "rank_max", "extra"} | {"rank_budget", "target_modules"}
-)
-# The JSON type of each field of the nested records (frozen dataclasses above).
-_NESTED_KINDS: dict[tuple[type, str], type] = {
-    **{(TimestepParams, k): float for k in ("mu", "sigma", "data_proportion")},
-    **{(SampleCoverage, k): int for k in ("run", "selected_count", "total_count")},
-    (SampleCoverage, "coverage_ratio"): float,
-    (SampleCoverage, "selected_files"): list,
-    (RunConvergence, "run"): int,
-    (RunConvergence, "batches"): int,
-    (RunConvergence, "final_spearman"): float,
-    (RunConvergence, "converged"): bool,
-    (ToolInfo, "name"): str,
-    (ToolInfo, "version"): str,
-    **{(InitRef, k): str for k in ("file", "sha256")},
-    **{(InitRef, k): int for k in ("k", "seed")},
-}
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object", bool: "true or false"}
+def _with_assigned_ranks(data: dict[str, Any]) -> dict[str, Any]:
+    """Module entries without `assigned_rank` (older maps) take their rank from rank_pattern."""
+    ranks, modules = data.get("rank_pattern"), data.get("modules")
+    if not isinstance(ranks, dict) or not isinstance(modules, list):
+        return data
+    by_name = {strip_decoder_prefix(k): v for k, v in ranks.items()}
+    filled = [dict(entry, assigned_rank=by_name.get(strip_decoder_prefix(entry["name"])))
+              if isinstance(entry, dict) and entry.get("assigned_rank") is None and isinstance(entry.get("name"), str)
+              else entry for entry in modules]
+    return {**data, "modules": filled}
 
 
-class _Reader:
-    """Typed access to a parsed map; every failure is one MapError naming the file and the field."""
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+_VERSION = next(f for f in fields(FisherMap) if f.name == "version")
+# Top-level JSON keys the map defines (anything else is kept in `extra`).
+_KNOWN = frozenset({f.metadata.get("path", (f.name,))[0] for f in fields(FisherMap) if f.metadata.get("read", True)}
+                   | {"target_modules"})
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+               bool: ("true or false", "true or false values")}
+_COUNTS = {2: "two", 3: "three", 4: "four"}
+
+
+class _WrongType(Exception):
+    """A JSON value at `where` that is not of the type `hint` (an Annotated check or a Union may try another)."""
+
+    def __init__(self, where: str, value: Any, hint: Any) -> None:
+        super().__init__(where)
+        self.where, self.value, self.hint = where, value, hint
+
+
+class _Decoder:
+    """Reads JSON values by the type hints of the map's dataclasses; every failure is one MapError naming the file
+    and the field's path (`modules[3].fisher_score`, `rank_pattern[layers.0.mlp.up_proj]`).
+
+    Our own rather than dacite or pydantic: this much code gives the one-sentence messages, the `absent` values of
+    older maps and the `Annotated` checks without another dependency or a translation of its error types.
+    """
 
     def __init__(self, source: Path) -> None:
         self.source = source
@@ -382,103 +420,129 @@ class _Reader:
     def fail(self, what: str) -> MapError:
         return MapError(f"{self.source}: {what}; {_FIX}.")
 
-    def typed(self, obj: Mapping[str, Any], key: str, kind: type, default: Any, where: str | None = None) -> Any:
-        """obj[key] checked against kind (ints count as numbers, bools as nothing else); None/absent → default."""
-        value = obj.get(key)
-        if value is None:
-            return default
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok, value = True, float(value)
-        if not ok:
-            raise self.fail(f"'{where or key}' must be {_TYPE_NAMES[kind]}, not {json.dumps(value)[:40]}")
-        return value
+    def fields(self, obj: dict[str, Any], cls: type, where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The constructor arguments of `cls` read from `obj`; its derived fields and `skip` are left out."""
+        return {f.name: self.field(obj, cls, f, where) for f in fields(cls)
+                if f.metadata.get("read", True) and f.name not in skip}
 
-    def name(self, value: Any, where: str, keep_suffix: bool = False) -> str:
-        """A module name without `decoder.`; a suffix like `mlp.up_proj` when keep_suffix."""
-        if not isinstance(value, str):
-            raise self.fail(f"'{where}' holds {json.dumps(value)[:40]}, not a module name")
-        name = strip_decoder_prefix(value)
+    def field(self, obj: dict[str, Any], cls: type, f: Field, where: str) -> Any:
+        """One field: absent or null gives its `absent` metadata, its default, None if optional, or an error."""
+        path = f.metadata.get("path", (f.name,))
+        value: Any = obj
+        for i, key in enumerate(path):
+            if i and not isinstance(value, dict):
+                raise self.fail(f"'{_join(where, *path[:i])}' must be an object, not {_show(value)}")
+            value = value.get(key)
+            if value is None:
+                break
+        here = _join(where, *path)
+        hint = _hints(cls)[f.name]
+        if value is not None:
+            return self.value(value, hint, here)
+        if "absent" in f.metadata:
+            return f.metadata["absent"]
+        if f.default is not MISSING:
+            return f.default
+        if f.default_factory is not MISSING:
+            return f.default_factory()
+        if type(None) in get_args(hint):
+            return None
+        raise self.fail(f"'{where}' lacks '{path[-1]}'" if where else f"lacks the required field '{path[-1]}'")
+
+    def value(self, value: Any, hint: Any, where: str) -> Any:
+        """`value` checked against `hint` and converted to what the dataclass holds (tuples, enums, records)."""
         try:
-            module_sort_key(f"layers.0.{name}" if keep_suffix else name)
-        except ValueError:
-            raise self.fail(f"'{where}' holds {value!r}, which is not an ACE-Step target module") from None
-        return name
+            return self._value(value, hint, where)
+        except _WrongType as err:
+            raise self.fail(f"'{err.where}' must be {_describe(err.hint)}, not {_show(err.value)}") from None
 
-    def names(self, obj: Mapping[str, Any], key: str, keep_suffix: bool = False) -> list[str]:
-        return [self.name(v, key, keep_suffix) for v in self.typed(obj, key, list, [])]
+    def _value(self, value: Any, hint: Any, where: str) -> Any:
+        origin, args = get_origin(hint), get_args(hint)
+        if origin is Annotated:
+            check: _Check = hint.__metadata__[0]
+            try:
+                got = self._value(value, args[0], where)
+            except _WrongType:
+                got = None
+            kept = None if got is None else check.convert(got)
+            if kept is None:
+                raise self.fail(f"'{where}' holds {_show(value)}, not {check.describe}")
+            return kept
+        if origin in (Union, types.UnionType):
+            for arg in (a for a in args if a is not type(None)):
+                try:
+                    return self._value(value, arg, where)
+                except _WrongType:
+                    continue
+            raise _WrongType(where, value, hint)
+        if hint in (int, bool, str):
+            if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+                raise _WrongType(where, value, hint)
+            return value
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _WrongType(where, value, hint)
+            try:
+                return float(value)
+            except OverflowError:  # an int too large for a float
+                raise _WrongType(where, value, hint) from None
+        if isinstance(hint, type) and issubclass(hint, Enum):
+            try:
+                return hint(value)
+            except ValueError:
+                raise _WrongType(where, value, hint) from None
+        if origin in (tuple, list):
+            if not isinstance(value, list):
+                raise _WrongType(where, value, hint)
+            if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+                if len(value) != len(args):
+                    raise _WrongType(where, value, hint)
+                return tuple(self._value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            items = [self._value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise _WrongType(where, value, hint)
+            return {self._value(k, args[0], where): self._value(v, args[1], f"{where}[{k}]") for k, v in value.items()}
+        if is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise _WrongType(where, value, hint)
+            return hint(**self.fields(value, hint, where))
+        if hint is Any:
+            return value
+        raise TypeError(f"the map reader has no rule for {hint!r} at {where}")  # a new field type: teach it here
 
-    def patterns(self, data: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, int | float]]:
-        """rank_pattern (positive ints) and alpha_pattern (positive numbers) over the same modules."""
-        ranks = {self.name(k, "rank_pattern"): v for k, v in self.typed(data, "rank_pattern", dict, {}).items()}
-        alphas = {self.name(k, "alpha_pattern"): v for k, v in self.typed(data, "alpha_pattern", dict, {}).items()}
-        for name, rank in ranks.items():
-            if not (isinstance(rank, int) and not isinstance(rank, bool) and 0 < rank <= _MAX_RANK):
-                raise self.fail(f"rank_pattern gives {name} the rank {json.dumps(rank)[:40]}, not a positive integer "
-                                f"up to {_MAX_RANK}")
-        for name, alpha in alphas.items():
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not _finite_positive(alpha):
-                raise self.fail(f"alpha_pattern gives {name} the alpha {json.dumps(alpha)[:40]}, not a positive number")
-        if set(ranks) != set(alphas):
-            odd = sorted(set(ranks) ^ set(alphas), key=module_sort_key)[0]
-            raise self.fail(f"rank_pattern and alpha_pattern list different modules (e.g. {odd})")
-        return ranks, {k: int(a) if isinstance(a, float) and a.is_integer() else a for k, a in alphas.items()}
 
-    def module(self, entry: Any, ranks: Mapping[str, int]) -> ModuleEntry:
-        if not isinstance(entry, dict):
-            raise self.fail("each entry of 'modules' must be an object")
-        name = self.name(entry.get("name"), "modules[].name")
-        rank = self.typed(entry, "assigned_rank", int, ranks.get(name), where=f"modules[{name}].assigned_rank")
-        if rank is None or rank <= 0:
-            raise self.fail(f"modules[{name}] has no positive assigned_rank")
-        return ModuleEntry(
-            name=name,
-            fisher_score=self.typed(entry, "fisher_score", float, 0.0, where=f"modules[{name}].fisher_score"),
-            fisher_cross_run_std=self.typed(entry, "fisher_cross_run_std", float, 0.0, where=f"modules[{name}].fisher_cross_run_std"),
-            effective_rank=self.typed(entry, "effective_rank", int, None, where=f"modules[{name}].effective_rank"),
-            assigned_rank=rank,
-            data_rank=self.typed(entry, "data_rank", int, None, where=f"modules[{name}].data_rank"),
-        )
+def _describe(hint: Any, plural: bool = False) -> str:
+    """How a message names what a type hint accepts ("an integer", "two numbers", "an object")."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        return hint.__metadata__[0].describe
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if set(options) == {int, float}:
+            return _TYPE_NAMES[float][plural]
+        return " or ".join(_describe(a, plural) for a in options)
+    if hint in _TYPE_NAMES:
+        return _TYPE_NAMES[hint][plural]
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(repr(m.value) for m in hint)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(set(args)) == 1 and len(args) in _COUNTS:
+            return f"{_COUNTS[len(args)]} {_describe(args[0], plural=True)}"
+        return f"a list of {len(args)} values"
+    if origin in (tuple, list):
+        return "lists" if plural else "a list"
+    return "objects" if plural else "an object"  # dict or a nested record
 
-    def init_ref(self, data: Mapping[str, Any]) -> InitRef | None:
-        """`init`: its file must be a plain name beside the map, never a path out of the dataset folder."""
-        ref = self.nested(data, "init", InitRef)
-        if ref is not None and (not ref.file or ref.file in (".", "..") or "/" in ref.file or "\\" in ref.file
-                                or ":" in ref.file or "\0" in ref.file):
-            raise self.fail(f"'init.file' is {ref.file[:60]!r}, but it must name a file beside the map")
-        return ref
 
-    def timestep_range(self, data: Mapping[str, Any]) -> tuple[float, float]:
-        pair = self.typed(data, "timestep_range", list, [0.0, 1.0])
-        if len(pair) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in pair):
-            raise self.fail(f"'timestep_range' must be two numbers, not {json.dumps(pair)[:40]}")
-        return float(pair[0]), float(pair[1])
+def _join(where: str, *keys: str) -> str:
+    return ".".join(k for k in (where, *keys) if k)
 
-    def nested(self, obj: Mapping[str, Any], key: str, cls: type, where: str | None = None) -> Any:
-        """A flat dataclass from obj[key] (None/absent → None); its fields without a default are required."""
-        where = where or key
-        value = self.typed(obj, key, dict, None, where=where)
-        if value is None:
-            return None
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            got = self.typed(value, f.name, _NESTED_KINDS[cls, f.name], None, where=f"{where}.{f.name}")
-            if got is None and f.default is MISSING and f.default_factory is MISSING:
-                raise self.fail(f"'{where}' lacks '{f.name}'")
-            if isinstance(got, list):
-                got = tuple(self.typed({"_": x}, "_", str, "", where=f"{where}.{f.name}[]") for x in got)
-            if got is not None:
-                kwargs[f.name] = got
-        return cls(**kwargs)
 
-    def convergence(self, data: Mapping[str, Any]) -> Convergence | None:
-        value = self.typed(data, "convergence", dict, None)
-        if value is None:
-            return None
-        runs = tuple(self.nested({"_": run}, "_", RunConvergence, where="convergence.runs[]")
-                     for run in self.typed(value, "runs", list, [], where="convergence.runs"))
-        return Convergence(runs, self.typed(value, "cross_run_spearman", float, None, where="convergence.cross_run_spearman"))
-
+def _show(value: Any) -> str:
+    """A value as a message quotes it, cut short (a hostile file may hold huge values)."""
+    return repr(value[:60]) if isinstance(value, str) else json.dumps(value)[:40]
 
 # ---- the optional `need` field (version 3, additive) -------------------------------------------------
 

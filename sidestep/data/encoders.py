@@ -14,7 +14,6 @@ How each tensor is produced follows docs/checkpoints.md and diffusers' `AceStepP
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,13 +24,14 @@ import numpy as np
 import torch
 from diffusers import AutoencoderOobleck
 from diffusers.pipelines.ace_step.modeling_ace_step import AceStepConditionEncoder
-from safetensors import SafetensorError, safe_open
 
 from sidestep.data.dataset import load_pt
 from sidestep.errors import CheckpointError, ConfigError
 from sidestep.models.convert import NULL_CONDITION_KEY, original_to_diffusers
 from sidestep.models.device import Runtime
 from sidestep.models.discovery import Layout, ModelEntry, read_config
+from sidestep.models.loading import check_weight_keys, iter_tensors
+from sidestep.naming import ENCODER_PREFIX
 
 __all__ = [
     "Encoders", "load_encoders", "require_encoder_files", "vae_geometry", "encode_audio", "encode_condition", "context_latents",
@@ -41,7 +41,6 @@ __all__ = [
 TEXT_MAX_LENGTH = 256  # caption prompt tokens (padding="max_length")
 LYRIC_MAX_LENGTH = 512  # lyric tokens for training (the inference handler uses up to 2048)
 TEXT_ENCODER_FOLDER = "Qwen3-Embedding-0.6B"
-ENCODER_PREFIX = "encoder."
 SILENCE_FILE = "silence_latent.pt"
 _SILENCE_KEY = "silence_latent"
 
@@ -201,23 +200,14 @@ def _first_dir(*candidates: Path, what: str) -> Path:
                           "download the ACE-Step checkpoints or pass --checkpoint-dir.")
 
 
-def _raise_on_mismatch(source: Path, missing: Any, unexpected: Any, mismatched: Any = ()) -> None:
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-        names = sorted(str(k) for k in keys or ())
-        if names:
-            parts.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
-    if parts:
-        raise CheckpointError(f"{source}: the weights do not match the model's config.json: {'; '.join(parts)}.")
-
-
 def _load_vae(folder: Path) -> AutoencoderOobleck:
     try:
         vae, info = AutoencoderOobleck.from_pretrained(folder, local_files_only=True, output_loading_info=True,
                                                        torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{folder}: cannot load the VAE ({str(err).splitlines()[0][:160]}).") from err
-    _raise_on_mismatch(folder, info.get("missing_keys"), info.get("unexpected_keys"), info.get("mismatched_keys"))
+    check_weight_keys(folder, "the model's config.json", info.get("missing_keys"), info.get("unexpected_keys"),
+                      info.get("mismatched_keys"))
     return vae
 
 
@@ -238,7 +228,8 @@ def _load_text_encoder(folder: Path, runtime: Runtime) -> torch.nn.Module:
                                                 output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"{folder}: cannot load the text encoder ({str(err).splitlines()[0][:160]}).") from err
-    _raise_on_mismatch(folder, info.get("missing_keys"), info.get("unexpected_keys"), info.get("mismatched_keys"))
+    check_weight_keys(folder, "the model's config.json", info.get("missing_keys"), info.get("unexpected_keys"),
+                      info.get("mismatched_keys"))
     return model.to(runtime.device).requires_grad_(False).eval()
 
 
@@ -253,6 +244,8 @@ def _condition_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_condition_encoder(entry: ModelEntry, root: Path) -> tuple[AceStepConditionEncoder, torch.Tensor]:
+    # Not from_pretrained for the diffusers layout: one path for both layouts, since ACE-Step's own has no diffusers
+    # loader and both need the same silence-latent fallback and key check.
     if entry.layout is Layout.DIFFUSERS:
         folder = entry.path / "condition_encoder"
         if not (folder / "config.json").is_file():
@@ -272,7 +265,8 @@ def _load_condition_encoder(entry: ModelEntry, root: Path) -> tuple[AceStepCondi
         raise CheckpointError(f"{entry.path}: cannot build the condition encoder from its config ({err}).") from err
     expected = {k: v for k, v in model.state_dict().items() if k != _SILENCE_KEY}
     mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    _raise_on_mismatch(entry.path, set(expected) - set(state), set(state) - set(expected), mismatched)
+    check_weight_keys(entry.path, "the model's config.json", set(expected) - set(state), set(state) - set(expected),
+                      mismatched)
     model.load_state_dict(state, strict=False, assign=True)
     # The pipeline slices this buffer for timbre at inference; keep it real (not meta) so .to() works.
     model.register_buffer(_SILENCE_KEY, silence[None].clone(), persistent=True)
@@ -289,31 +283,14 @@ def _original_encoder_key(key: str) -> str | None:
 
 def _read_tensors(folder: Path, stem: str, rename: Any) -> dict[str, torch.Tensor]:
     """The tensors of `folder/<stem>.safetensors` (or its shards) whose renamed key is not None."""
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted({folder / name for name in weight_map.values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
-            raise CheckpointError(f"{index}: cannot read the shard index ({err}).") from err
-    elif (folder / f"{stem}.safetensors").is_file():
-        files = [folder / f"{stem}.safetensors"]
-    else:
-        raise CheckpointError(f"{folder}: no {stem}.safetensors (or sharded index) found.")
     state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    target = rename(key)
-                    if target is None:
-                        continue
-                    if target in state:
-                        raise CheckpointError(f"{path}: key {key!r} maps onto {target!r}, "
-                                              "which another key already filled.")
-                    state[target] = handle.get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: cannot read the weights ({err}).") from err
+    for key, loader in iter_tensors(folder, stem):
+        target = rename(key)
+        if target is None:
+            continue
+        if target in state:
+            raise CheckpointError(f"{folder}: key {key!r} maps onto {target!r}, which another key already filled.")
+        state[target] = loader()
     return state
 
 

@@ -30,9 +30,8 @@ from sidestep.fileio import atomic_path
 from sidestep.generation.prompts import SamplePrompt
 from sidestep.models.variants import Variant
 
-__all__ = ["RenderSettings", "resolve_settings", "Renderer", "write_wav", "TURBO_STEPS", "BASE_GUIDANCE"]
+__all__ = ["RenderSettings", "resolve_settings", "Renderer", "write_wav", "BASE_GUIDANCE"]
 
-TURBO_STEPS = 8  # turbo is distilled for 8 steps without guidance (ACE-Step's own default)
 BASE_GUIDANCE = 7.0  # ACE-Step's default guidance scale for base/sft
 _MAX_STEPS = 1000
 
@@ -52,7 +51,7 @@ class RenderSettings:
 def resolve_settings(variant: Variant, steps: int | None = None, guidance: float | None = None,
                      shift: float | None = None) -> RenderSettings:
     """Flags over the variant's defaults: turbo 8 steps, no guidance; base/sft more steps with guidance."""
-    steps = (TURBO_STEPS if variant.is_turbo else variant.inference_steps) if steps is None else steps
+    steps = variant.inference_steps if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= _MAX_STEPS:
         raise ConfigError(f"--steps must be a whole number from 1 to {_MAX_STEPS}, got {steps!r}.")
     if guidance is None:

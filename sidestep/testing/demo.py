@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidestep.testing.tiny import tiny_config, write_original_checkpoint
 from sidestep.testing.tiny_audio import setup_demo_audio
@@ -18,7 +18,7 @@ from sidestep.testing.tiny_audio import setup_demo_audio
 if TYPE_CHECKING:
     from sidestep.data.preprocess import PreprocessConfig
 
-__all__ = ["DemoPaths", "setup_demo", "demo_preprocess_config", "DEMO_MODEL"]
+__all__ = ["DemoPaths", "setup_demo", "demo_config", "demo_preprocess_config", "DEMO_MODEL"]
 
 DEMO_MODEL = "base"
 
@@ -32,13 +32,18 @@ class DemoPaths:
     audio: Path | None = None  # the synthesized clips the dataset was preprocessed from
 
 
+def demo_config() -> dict[str, Any]:
+    """The demo model's config.json: 4 layers, 64 wide (tests pin its weight names and shapes)."""
+    return tiny_config(num_layers=4, hidden=64)
+
+
 def setup_demo(root: Path, samples: int = 6, seed: int = 0) -> DemoPaths:
     """Write the demo checkpoint (original ACE-Step layout), audio clips, and the dataset preprocessed from them."""
     from sidestep.data.preprocess import preprocess_audio  # imports the encoders only when the demo is set up
 
     root = Path(root).expanduser().resolve()
     checkpoints = root / "checkpoints"
-    config = tiny_config(num_layers=4, hidden=64)
+    config = demo_config()
     model_dir = write_original_checkpoint(checkpoints, config, seed=seed)
     audio = setup_demo_audio(root, count=samples, text_hidden_dim=config["text_hidden_dim"], seed=seed)
     paths = DemoPaths(root, checkpoints, model_dir, root / "dataset", audio)

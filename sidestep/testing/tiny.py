@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from sidestep.models.convert import NULL_CONDITION_KEY, diffusers_key_to_original, diffusers_to_original
 from sidestep.models.loading import transformer_kwargs
+from sidestep.naming import ENCODER_PREFIX
 
 __all__ = [
     "TINY_CONFIG",
@@ -147,7 +148,7 @@ def write_original_checkpoint(root: Path, config: dict[str, Any] | None = None, 
         if key == NULL_CONDITION_KEY:
             tensors[NULL_CONDITION_KEY] = value.contiguous()
         elif key != "silence_latent":  # the original keeps silence in its own file
-            tensors["encoder." + diffusers_to_original(key)] = value.contiguous()
+            tensors[ENCODER_PREFIX + diffusers_to_original(key)] = value.contiguous()
     for prefix, module in build_tiny_audio_tokenizers(config, seed + 2).items():
         tensors.update({prefix + diffusers_to_original(k): v.contiguous() for k, v in module.state_dict().items()})
     save_file(tensors, str(model_dir / "model.safetensors"))

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, FisherMap, read_map
-from sidestep.analysis.modules import PROJECTIONS, Category, ModuleShape, category_of, module_sort_key, targetable_modules
+from sidestep.analysis.modules import (PROJECTIONS, Category, ModuleShape, category_of, module_sort_key,
+                                      strip_decoder_prefix, targetable_modules)
 from sidestep.data import dataset_hash
 from sidestep.errors import ConfigError, MapError
 from sidestep.models.convert import diffusers_to_original, original_to_diffusers
@@ -89,7 +91,7 @@ def resolve_targets(items: tuple[str, ...], num_layers: int) -> list[str]:
         if item in TARGET_GROUPS:
             hits = [name for name in every if category_of(name).value == item]
         else:
-            wanted = diffusers_to_original(item.removeprefix("decoder."))
+            wanted = diffusers_to_original(strip_decoder_prefix(item))
             hits = [name for name in every if name == wanted or name.endswith("." + wanted)]
         if not hits:
             suffixes = ", ".join(p.split(".")[1] for p in PROJECTIONS[:4] + PROJECTIONS[8:])
@@ -185,12 +187,12 @@ def attach_adapter(transformer: torch.nn.Module, plan: AdapterPlan, init: InitPl
         module, marker = _split_adapter_name(name)
         if marker is None:
             raise ConfigError(f"Internal check failed: {name} would train but is not an adapter weight.")
-        param.data = param.data.float()
         adapted.add(diffusers_to_original(module))
         total += param.numel()
     if adapted != set(plan.ranks):
         odd = sorted(adapted ^ set(plan.ranks))[:3]
         raise ConfigError(f"Internal check failed: the injected adapter differs from the plan on {odd}.")
+    cast_training_params(transformer, dtype=torch.float32)  # fp32 master weights for exactly the checked parameters
     if init is not None and init.mode is InitMode.GRADIENT:
         apply_gradient_init(transformer, plan.ranks, init.bases)  # after the fp32 cast: A is set at full precision
     return total
