@@ -56,7 +56,6 @@ PRESETS = {
 ARM_LABELS = {"flat": "flat LoRA, all targets", "oracle": "oracle: planted modules, ranks ∝ true ranks",
               "planted_equal": "planted modules, equal ranks", "reference": "reference rule (Side-Step)",
               "control": f"control: permuted map ({DEFAULT_SIGNAL})",
-              "map_probe": "candidate: LoRA probe + per-module ablation (bench only)",
               **{f"map_{s}": f"our map, --rank-signal {s}" + (" (default)" if s == DEFAULT_SIGNAL else "")
                  for s in SIGNALS}}
 
@@ -68,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plant-seed", default=None, help="alias of --plants")
     p.add_argument("--signals", default=",".join(SIGNALS), help="rank signals to build map arms for")
     p.add_argument("--arms", default=None, help="train only these arms (comma-separated; flat always); default all")
+    p.add_argument("--probe-lr", type=float, default=1e-2, help="learning rate of the --rank-signal probe run")
     p.add_argument("--skip-control-analysis", action="store_true", help="skip the own-samples analysis")
     p.add_argument("--out", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
     teacher = load_model(find_model(base.root, MODEL_FOLDER, None), runtime)
     cfg = CellConfig(Budget(args.rank, args.rank_min, args.rank_max, args.rank_step), args.steps, args.batch_size,
                      args.warmup, tuple(float(x) for x in args.lrs.split(",")), tuple(args.signals.split(",")),
-                     tuple(args.arms.split(",")) if args.arms else None)
+                     tuple(args.arms.split(",")) if args.arms else None, args.probe_lr)
     records, cells, plants, controls = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="sidestep-planted-") as tmp:
         workdir = args.workdir or Path(tmp)

@@ -12,11 +12,10 @@ from typing import Callable
 
 import torch
 
-from sidestep.analysis.allocate import allocate_ranks, select_modules
 from sidestep.analysis.config import AnalysisConfig, RankSignal
-from sidestep.analysis.run import analyze_dataset, build_map, signal_scores
+from sidestep.analysis.run import analyze_dataset, build_map, signal_scores, with_probe
 from sidestep.data import DatasetSpec, scan_dataset
-from sidestep.data.dataset import collate, load_sample
+from sidestep.data.dataset import collate
 from sidestep.models import LoadedModel, find_model
 from sidestep.models.select import ModelChoice
 from sidestep.training.adapters import module_shapes
@@ -30,7 +29,6 @@ from quality_lib.evaluate import EvalSet, eval_loss
 from quality_lib.runner import _adapted, _arm_dataset, _arm_map
 
 from .plant import Plant
-from .probe import probe_ablation_scores
 
 Log = Callable[[str], None]
 SIGNALS = tuple(s.value for s in RankSignal)
@@ -46,6 +44,7 @@ class CellConfig:
     lrs: tuple[float, ...]
     signals: tuple[str, ...] = SIGNALS
     arms: tuple[str, ...] | None = None  # train only these arms (flat always); None = all
+    probe_lr: float = 1e-2  # --rank-signal probe: the probe trains at the LR this task's arms train at
 
 
 @dataclass
@@ -104,6 +103,9 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     arms["oracle"] = matched_arm("oracle", _scaled(plant.ranks, target, shapes), shapes, b, target)
     arms["planted_equal"] = matched_arm("planted_equal", _scaled(dict.fromkeys(plant.ranks, 1), target, shapes),
                                         shapes, b, target)
+    if RankSignal.PROBE.value in cfg.signals:  # the probe is a training run of its own, charged separately
+        result = with_probe(replace(acfg, rank_signal=RankSignal.PROBE, probe_lr=cfg.probe_lr), loaded, result, scan)
+        log(f"  probe {result.probe.seconds:.1f}s")
     precision, maps = {}, {}
     for signal in cfg.signals:
         fmap, _ = build_map(replace(acfg, rank_signal=signal), loaded, result, scan)
@@ -112,15 +114,6 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         scores = signal_scores(RankSignal(signal), result)
         top = sorted(scores, key=lambda n: (-scores[n], n))[: len(planted)]
         precision[signal] = len(planted & set(top)) / len(planted)
-    if cfg.arms is not None and "map_probe" in cfg.arms:
-        samples = [load_sample(f, DatasetSpec.from_model_config(entry.config)) for f in scan.files]
-        probe, probe_seconds = probe_ablation_scores(loaded.transformer, samples, loaded.num_layers, loaded.variant, seed)
-        selected = select_modules(probe, acfg.inclusion, acfg.category_floor)
-        alloc = allocate_ranks({n: probe[n] for n in selected}, {n: shapes[n] for n in selected}, acfg.rank_budget, shapes)
-        arms["map_probe"] = matched_arm("map_probe", alloc.ranks, shapes, b, target)
-        top = sorted(probe, key=lambda n: (-probe[n], n))[: len(planted)]
-        precision["probe"] = len(planted & set(top)) / len(planted)
-        log(f"  probe {probe_seconds:.1f}s; precision@|S| probe {precision['probe']:.2f}")
     stats = result.by_name
     arms["reference"] = matched_arm("reference", reference_ranks({n: s.fisher for n, s in stats.items()},
                                                                  {n: float(s.weight_rank or 1) for n, s in stats.items()},
@@ -130,6 +123,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
                                   notes=("ranks of the default map shuffled over the same modules",))
     need = outcome.map.extra.get("need", {})
     info = {"plant": plant.spec.seed, "seed": seed, "analysis_seconds": analysis_seconds, "flat_params": target,
+            "probe_seconds": result.probe.seconds if result.probe is not None else None,
             "precision_top_S": precision, "need_top10_share": need.get("top10_share"),
             "need_per_param": {n: v["need_per_param"] for n, v in need.get("per_module", {}).items()},
             "arms": {k: {"params": a.params, "modules": len(a.ranks),

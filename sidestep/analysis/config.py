@@ -29,6 +29,7 @@ class RankSignal(str, Enum):
     WEIGHT = "weight"  # the reference's weight effective rank
     GRAD_ENERGY = "grad-energy"  # mean-gradient energy |sum G|^2 / numel, estimated from the sketch
     NEED = "need"  # unbiased need (noise removed) per parameter; selects and sizes on its own (water-filling)
+    PROBE = "probe"  # loss rise when a short flat LoRA probe is switched off per module; selects and sizes on its own
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class AnalysisConfig:
     keep_sketches: bool = field(default=False, metadata={"help": "Keep the gradient sketches (init bases) in memory."})
     write_init: bool = field(default=True, metadata={"help": "Write fisher_init.safetensors (gradient-aligned LoRA "
                                                      "init bases) beside the map."})
+    probe_steps: int = field(default=40, metadata={"help": "--rank-signal probe: training steps of the flat LoRA probe."})
+    probe_rank: int = field(default=8, metadata={"help": "--rank-signal probe: rank of the probe on every module."})
+    probe_lr: float = field(default=1e-3, metadata={"help": "--rank-signal probe: learning rate of the probe (Adam)."})
     focus_label: str = field(init=False, default="balanced")
     focus_range: tuple[float, float] = field(init=False, default=(0.0, 1.0))
 
@@ -86,6 +90,11 @@ class AnalysisConfig:
             raise ConfigError(f"--convergence-threshold must be in (0, 1], got {self.convergence_threshold!r}.")
         if not (_number(self.data_rank_energy) and 0 < self.data_rank_energy <= 1):
             raise ConfigError(f"--data-rank-energy must be in (0, 1], got {self.data_rank_energy!r}.")
+        for flag, value in (("--probe-steps", self.probe_steps), ("--probe-rank", self.probe_rank)):
+            if not _positive_int(value):
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}.")
+        if not (_number(self.probe_lr) and 0 < self.probe_lr < 1):
+            raise ConfigError(f"--probe-lr must be in (0, 1), got {self.probe_lr!r}.")
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63):
             raise ConfigError(f"--seed must be an integer in [0, 2^63), got {self.seed!r}.")
 

@@ -33,6 +33,7 @@ from sidestep.analysis.config import AnalysisConfig
 from sidestep.analysis.convergence import ConvergenceTracker, mean_pairwise_spearman
 from sidestep.analysis.modules import ModuleShape, targetable_modules
 from sidestep.analysis.signals import NeedEstimate, energy_rank, need_estimate, singular_values, weight_effective_rank
+from sidestep.analysis.probe import ProbeResult
 from sidestep.data import Batch, DatasetSpec, collate, load_sample
 from sidestep.errors import Interrupted, SidestepError, is_out_of_memory
 from sidestep.models import LoadedModel, original_to_diffusers
@@ -101,6 +102,7 @@ class AnalysisResult:
     sketch_k: int
     seconds: float
     sketches: dict[str, torch.Tensor] | None = None  # Z_m (in × k, fp32, CPU) when keep_sketches or write_init
+    probe: ProbeResult | None = None  # --rank-signal probe: the probe's per-module ablation scores
 
     @property
     def total_batches(self) -> int:

@@ -25,7 +25,7 @@ from sidestep.fileio import backup_existing, write_json_atomic
 __all__ = [
     "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
-    "NEED_FIELD", "NeedSummary", "need_summary",
+    "NEED_FIELD", "PROBE_FIELD", "NeedSummary", "need_summary",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
@@ -547,6 +547,7 @@ def _show(value: Any) -> str:
 # ---- the optional `need` field (version 3, additive) -------------------------------------------------
 
 NEED_FIELD = "need"
+PROBE_FIELD = "probe"  # optional, written by --rank-signal probe: the probe's settings and per-module scores
 
 
 @dataclass(frozen=True, slots=True)

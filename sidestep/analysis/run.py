@@ -27,6 +27,7 @@ from sidestep.analysis.config import AnalysisConfig, RankSignal
 from sidestep.analysis.engine import AnalysisResult, Progress, run_analysis
 from sidestep.analysis.fisher_map import (
     NEED_FIELD,
+    PROBE_FIELD,
     ADVISED_LR,
     LR_ADVICE,
     Convergence,
@@ -40,6 +41,7 @@ from sidestep.analysis.fisher_map import (
 )
 from sidestep.analysis.init_file import init_bases, init_path_for, write_init
 from sidestep.analysis.modules import targetable_modules
+from sidestep.analysis.probe import ProbeResult, ProbeSettings, measure_probe
 from sidestep.analysis.signals import NeedEstimate, low_confidence
 from sidestep.data import DatasetScan, DatasetSpec, content_hash, dataset_hash, scan_dataset
 from sidestep.errors import ConfigError, Interrupted, SidestepError
@@ -121,6 +123,8 @@ def analyze_dataset(
     try:
         loaded = loader(entry, runtime)
         result = run_analysis(config, loaded, scan.files, on_progress, should_stop)
+        if config.rank_signal is RankSignal.PROBE:
+            result = with_probe(config, loaded, result, scan, should_stop)
     except KeyboardInterrupt:
         raise Interrupted("Analysis interrupted; nothing was written.") from None
     fmap, allocation = build_map(config, loaded, result, scan)
@@ -182,9 +186,20 @@ def build_map(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResul
         ),
         low_confidence_modules=tuple(low_confidence(fisher, {m.name: m.fisher_std for m in result.modules})),
         content_hash=content_hash(scan.files),
-        extra=_need_field(result),
+        extra=_need_field(result) | _probe_field(result),
     )
     return fmap, allocation
+
+
+def with_probe(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResult, scan: DatasetScan,
+               should_stop: Callable[[], bool] | None = None) -> AnalysisResult:
+    """The result with the probe's ablation scores (`--rank-signal probe`), measured on the same dataset."""
+    settings = ProbeSettings(steps=config.probe_steps, rank=config.probe_rank, lr=config.probe_lr,
+                             scale=float(config.alpha_ratio))
+    spec = DatasetSpec.from_model_config(loaded.entry.config)
+    probe = measure_probe(loaded, [m.name for m in result.modules], list(scan.files), spec, settings, config.seed,
+                          should_stop)
+    return replace(result, probe=probe)
 
 
 def signal_scores(kind: RankSignal, result: AnalysisResult) -> dict[str, float]:
@@ -192,6 +207,8 @@ def signal_scores(kind: RankSignal, result: AnalysisResult) -> dict[str, float]:
     stats = result.by_name
     if kind is RankSignal.NEED:
         return _need_per_parameter(result)
+    if kind is RankSignal.PROBE:
+        return dict(_probe_of(result).scores)
     fisher = {n: s.fisher for n, s in stats.items()}
     return size_signal(fisher, _second_signal(kind, result, list(stats)))
 
@@ -202,6 +219,10 @@ def _allocate(config: AnalysisConfig, result: AnalysisResult, shapes: dict) -> A
         if budget.mode is BudgetMode.FLAT:
             return water_fill_ranks({n: _need_of(result, n).spectrum for n in shapes}, shapes, budget)
         scores = _need_per_parameter(result)
+        selected = select_modules(scores, config.inclusion, config.category_floor)
+        return allocate_ranks({n: scores[n] for n in selected}, {n: shapes[n] for n in selected}, budget, shapes)
+    if config.rank_signal is RankSignal.PROBE:
+        scores = _probe_of(result).scores
         selected = select_modules(scores, config.inclusion, config.category_floor)
         return allocate_ranks({n: scores[n] for n in selected}, {n: shapes[n] for n in selected}, budget, shapes)
     fisher = {m.name: m.fisher for m in result.modules}
@@ -215,6 +236,25 @@ def _need_of(result: AnalysisResult, name: str) -> NeedEstimate:
     if need is None:
         raise ConfigError("--rank-signal need needs the gradient sketches; the analysis ran without them.")
     return need
+
+
+def _probe_of(result: AnalysisResult) -> ProbeResult:
+    if result.probe is None:
+        raise ConfigError("--rank-signal probe needs the probe run; this analysis result has none.")
+    return result.probe
+
+
+def _probe_field(result: AnalysisResult) -> dict:
+    """The map's optional `probe` field: the settings and each module's ablation score (docs/fisher-map.md)."""
+    probe = result.probe
+    if probe is None:
+        return {}
+    s = probe.settings
+    return {PROBE_FIELD: {
+        "steps": s.steps, "rank": s.rank, "lr": s.lr, "seconds": round(probe.seconds, 3),
+        "loss_before": probe.loss_before, "loss_probed": probe.loss_probed,
+        "per_module": {n: {"loss_rise": probe.rise[n], "score": probe.scores[n]} for n in probe.scores},
+    }}
 
 
 def _need_per_parameter(result: AnalysisResult) -> dict[str, float]:
