@@ -143,7 +143,8 @@ def _confirm(yes: bool, before: Callable[[], None]) -> Callable[[Any], bool]:
         print_preview(build_preview(fmap))
         if yes:
             return True
-        return Confirm.ask("Save fisher_map.json?", default=False, console=output.console)
+        # Yes by default, as in the wizard: a map already there is kept as fisher_map.json.bak
+        return Confirm.ask("Save fisher_map.json?", default=True, console=output.console)
 
     return ask
 

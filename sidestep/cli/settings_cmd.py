@@ -52,8 +52,8 @@ def show(json: JsonOpt = False) -> None:
 
 @settings_app.command("set")
 def set_(key: KeyArg, value: ValueArg) -> None:
-    """Store one setting in the settings file."""
-    updated = settings.set_value(key, value)
+    """Store one setting in the settings file (a checkpoint folder must hold models, a model must be in it)."""
+    updated = settings.set_value(key, value, check=_check_setting)
     output.success(f"{key} = {_shown(getattr(updated, key))} saved to {settings.settings_path()}")
     env_name = settings.ENV_VARS.get(key)
     if env_name and settings.resolve(key).source == f"env {env_name}":
@@ -73,6 +73,25 @@ def reset() -> None:
 def path() -> None:
     """Print the settings file's path (the folder is set by SIDESTEP_CONFIG_DIR when given)."""
     output.stdout.print(str(settings.settings_path()), markup=False, soft_wrap=True)
+
+
+def _check_setting(key: str, value: Any) -> None:
+    """The wizard's checks, so a typo is refused here rather than at the next command's start."""
+    if key == "checkpoint_dir":
+        from sidestep.models.discovery import require_models
+
+        entries = require_models(value)
+        output.info(f"Models found: {', '.join(e.name for e in entries)}")
+    elif key == "model":
+        root = settings.resolve("checkpoint_dir").value
+        if root is not None and root.is_dir():  # without a folder only the spelling can be checked (done)
+            from sidestep.errors import ConfigError
+            from sidestep.models.discovery import find_model
+
+            try:
+                find_model(root, value)
+            except ConfigError:  # a fine-tune without a known parent is still a model that exists
+                pass
 
 
 def _jsonable(value: Any) -> Any:

@@ -40,7 +40,7 @@ def run_wizard(asker: Asker | None = None) -> None:
             raise ConfigError(NOT_A_TERMINAL)
         asker = QuestionaryAsker()
     session = Session()
-    if not settings.load_settings().first_run_done:
+    if not _setup_done():
         _first_run(asker)
     action = "analysis"
     while True:
@@ -52,6 +52,14 @@ def run_wizard(asker: Asker | None = None) -> None:
             break
         _run_action(asker, action, session)
     asker.say("Bye.")
+
+
+def _setup_done() -> bool:
+    """Done once a checkpoint folder is set anywhere: the wizard's setup, `settings set`, or the environment."""
+    if settings.load_settings().first_run_done:
+        return True
+    folder = settings.resolve("checkpoint_dir").value
+    return folder is not None and folder.is_dir()
 
 
 def _first_run(asker: Asker) -> None:
