@@ -10,7 +10,6 @@ from rich.prompt import Confirm
 
 from sidestep.display import output
 from sidestep.display.analysis import print_preview
-from sidestep.cli.app import app
 from sidestep.cli.options import (
     AllowTurboOpt,
     AlphaRatioOpt,
@@ -44,7 +43,6 @@ from sidestep.errors import ConfigError
 __all__ = ["analyze", "summary_json"]
 
 
-@app.command()
 def analyze(
     dataset_dir: DatasetDirOpt = None,
     timestep_focus: TimestepFocusOpt = "balanced",

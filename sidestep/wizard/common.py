@@ -76,12 +76,15 @@ def ask_preset(asker: Asker, answers: Answers, fields: Mapping[str, str] | Itera
 def ask_model(asker: Asker, answers: Answers, key: str = "model",
               question: str = "Which model? (the one you will train on; base is recommended)") -> Any:
     """Model selection from the checkpoint folder: official and fine-tunes labelled; returns a ModelChoice."""
-    from sidestep.models import discover_models
-    from sidestep.models.select import choose_model
-    from sidestep.models.variants import VARIANTS
+    from sidestep.display import output
 
-    root = checkpoint_root()
-    entries = discover_models(root)
+    with output.status("Looking for models…"):  # the first call imports torch: seconds on a busy machine
+        from sidestep.models import discover_models
+        from sidestep.models.select import choose_model
+        from sidestep.models.variants import VARIANTS
+
+        root = checkpoint_root()
+        entries = discover_models(root)
     if not entries:
         from sidestep.errors import CheckpointError
 

@@ -285,7 +285,7 @@ def _run(asker: Asker, config: TrainConfig, answers: Answers) -> Any:
     from sidestep.training.run import train
 
     runtime = choose_runtime(None, None, _gradient_checkpointing(answers))
-    asker.say(f"[dim]Runtime: {runtime.reason}[/]")
+    asker.say(f"[dim]Runtime: {runtime.reason}. Loading the model…[/]")
     with TrainDisplay(config.output_dir) as display:
         outcome = train(config, answers["model"], runtime, display.on_event)
     ema = "n/a" if outcome.loss_ema is None else f"{outcome.loss_ema:.4f}"
