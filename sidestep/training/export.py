@@ -34,7 +34,7 @@ from sidestep.training.adapters import AdapterPlan, peft_config
 from sidestep.training.config import AdapterKind
 from sidestep.training.export_meta import run_name, training_metadata
 
-__all__ = ["ExportFormat", "LoraAdapter", "ExportResult", "export_adapter", "read_lora", "adapter_source", "DIFFUSERS_WEIGHT_NAME",
+__all__ = ["ExportFormat", "LoraAdapter", "ExportResult", "export_adapter", "export_target", "read_lora", "adapter_source", "DIFFUSERS_WEIGHT_NAME",
            "COMFYUI_PREFIX", "DIFFUSERS_PREFIX"]
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -105,6 +105,16 @@ def export_adapter(src: Path, dest: Path, fmt: ExportFormat | str, overwrite: bo
         path = _target(Path(dest), f"{run_name(src)}.safetensors", overwrite)
         _write_comfyui(path, adapter, meta)
     return ExportResult(path, fmt, len(adapter.down))
+
+
+def export_target(src: Path, dest: Path, fmt: ExportFormat | str) -> Path:
+    """The path `export_adapter(src, dest, fmt)` writes: the wizard asks before replacing it."""
+    fmt = ExportFormat(fmt)
+    dest = Path(dest)
+    if fmt is ExportFormat.PEFT or dest.suffix == ".safetensors":
+        return dest
+    name = DIFFUSERS_WEIGHT_NAME if fmt is ExportFormat.DIFFUSERS else f"{run_name(_adapter_source(Path(src)))}.safetensors"
+    return dest / name
 
 
 def read_lora(src: Path) -> LoraAdapter:
