@@ -27,6 +27,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        _publish(tmp)
         os.replace(tmp, path)
     except OSError as err:
         _remove_quietly(tmp)
@@ -69,6 +70,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _publish(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -114,6 +116,30 @@ def check_output_dir(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {probe} is a file, so no folder can be made under it; choose another path.")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: the folder {probe} is not writable; choose a folder you can write to.")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask alone would, for all threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path) -> None:
+    """Give what we wrote the modes of a normal file (0644 / 0755 under umask 022): safetensors and mkstemp create
+    0600, which other programs (ComfyUI under another user, a web server) cannot read."""
+    mask = _umask()
+    if path.is_dir():
+        for folder, dirs, files in os.walk(path):
+            os.chmod(folder, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+    elif path.is_file():
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _fsync(path: Path) -> None:

@@ -109,17 +109,24 @@ def save_settings(settings: Settings) -> Path:
     return path
 
 
-def set_value(key: str, raw_value: str) -> Settings:
+def set_value(key: str, raw_value: str, check: Callable[[str, Any], None] | None = None) -> Settings:
     """Convert `raw_value` for `key`, store it in the settings file and return the new settings.
 
-    `"none"` or an empty string clears an optional setting (checkpoint_dir, device, precision).
+    `"none"` or an empty string clears an optional setting (checkpoint_dir, device, precision). `check(key, value)`
+    may refuse the converted value (raising a SidestepError) before anything is written. A checkpoint folder
+    set here also marks the first-run setup done: the wizard has nothing left to ask.
     """
     _check_key(key)
     if raw_value.strip().lower() in _CLEAR and _default_of(key) is not None:
         raise ConfigError(f"Cannot clear {key}: it always needs a value; use `sidestep settings reset` for defaults.")
     value = _convert(key, raw_value, lambda exp: f"Cannot set {key} to {raw_value!r}: expected {exp}.")
+    if check is not None and value is not None:
+        check(key, value)
     current = load_settings()
-    updated = Settings(**{**_as_kwargs(current), key: value})
+    changes: dict[str, Any] = {key: value}
+    if key == "checkpoint_dir" and value is not None:
+        changes["first_run_done"] = True
+    updated = Settings(**{**_as_kwargs(current), **changes})
     save_settings(updated)
     return updated
 

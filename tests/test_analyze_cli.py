@@ -43,6 +43,8 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert _written(dataset_dir) == ["fisher_init.safetensors", "fisher_map.json", "fisher_map.png"]
     assert "Top 5 modules" in err and "Rank histogram" in err and "trainable parameters" in err
     assert "5e-5" in err  # the learning-rate advice
+    # 3 batches per run cannot meet a patience of 5: the preview says the map is less certain
+    assert "Runs 1, 2 of 2 did not converge" in err and "--batches-per-run" in err
     # The need field: per-module noise-free need and its concentration, in the map, the preview and --json.
     data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
     need = data["need"]
@@ -83,10 +85,12 @@ def test_prompt_yes_saves_and_prompt_no_writes_nothing(monkeypatch, capsys, chec
 
 
 @pytest.mark.slow
-def test_overwrite_keeps_bak(monkeypatch, capsys, checkpoint_root, dataset_dir):
+def test_enter_at_the_save_prompt_saves_and_keeps_the_old_map_as_bak(monkeypatch, capsys, checkpoint_root,
+                                                                     dataset_dir):
     (dataset_dir / "fisher_map.json").write_text('{"old": true}\n', encoding="utf-8")
-    code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes")
+    code, _, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, stdin=_Tty("\n"))  # Enter: default Yes
     assert code == 0, err
+    assert "Save fisher_map.json? [y/n] (y)" in err
     assert (dataset_dir / "fisher_map.json.bak").read_text(encoding="utf-8") == '{"old": true}\n'
     assert "fisher_map.json.bak" in err
 
@@ -190,3 +194,19 @@ def test_real_process_bad_focus_exits_1_without_traceback(checkpoint_root, datas
     assert proc.returncode == 1
     assert "--timestep-focus" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
     assert _written(dataset_dir) == []
+
+
+def test_preview_warns_only_about_runs_that_did_not_converge(capsys):
+    from sidestep.analysis.report import Preview
+    from sidestep.display.analysis import print_preview
+
+    def preview(runs):
+        return Preview(categories=(), rank_histogram=((8, 2),), top=(), low_confidence=(), adapted=2, targetable=4,
+                       median_rank=8.0, trainable_params=10, flat_equivalent_params=20, cross_run_spearman=0.9,
+                       runs=runs)
+
+    print_preview(preview(((1, 12, 0.99, True), (2, 12, 0.97, True))))
+    assert "did not converge" not in capsys.readouterr().err
+    print_preview(preview(((1, 12, 0.99, True), (2, 50, 0.61, False))))
+    err = capsys.readouterr().err
+    assert "Run 2 of 2 did not converge" in err and "less certain" in err

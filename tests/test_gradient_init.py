@@ -359,7 +359,7 @@ def test_wizard_offers_gradient_init_when_the_file_is_there(checkpoint_root, dat
     if present:
         (dataset_dir / INIT_FILENAME).write_bytes(b"placeholder")  # only its presence decides the question
     init = ["Gradient-aligned"] if present else []
-    asker = ScriptedAsker(["", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "2", "", *init, "y", "n"])
+    asker = ScriptedAsker(["", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "2", "", *init, "y", "n", "n"])
     tf.train_flow(asker, Session())
     [config] = runs
     assert config.init is (InitMode.GRADIENT if present else InitMode.DEFAULT)

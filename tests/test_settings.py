@@ -199,8 +199,9 @@ def _run_cli(cfg_dir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_set_then_show_round_trip(cfg_dir, tmp_path):
-    assert _invoke("settings", "set", "model", "turbo").exit_code == 0
+def test_cli_set_then_show_round_trip(cfg_dir, checkpoint_root):
+    tmp_path = checkpoint_root
+    assert _invoke("settings", "set", "model", "turbo").exit_code == 0  # no folder yet: only the spelling is checked
     assert _invoke("settings", "set", "checkpoint_dir", str(tmp_path)).exit_code == 0
     result = _invoke("settings", "show", "--json")
     assert result.exit_code == 0, result.output
@@ -245,3 +246,35 @@ def test_cli_unknown_key_is_one_sentence(cfg_dir):
     assert "Traceback" not in proc.stderr
     assert "valid keys are checkpoint_dir, model, device, precision, first_run_done." in proc.stderr
     assert not (cfg_dir / "settings.json").exists()
+
+
+def _cli(monkeypatch, capsys, *args: str):
+    """In-process `sidestep ARGS` through the real entry point (exit code and one-line errors as a user sees them)."""
+    from types import SimpleNamespace
+
+    from cli_support import run_cli
+
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    return SimpleNamespace(code=code, out=out, err=err)
+
+
+def test_cli_set_checkpoint_dir_checks_the_folder_as_the_wizard_does(cfg_dir, tmp_path, checkpoint_root, monkeypatch, capsys):
+    for folder, needle in ((tmp_path / "missing", "does not exist or is not a folder"),
+                           (tmp_path, "No ACE-Step model folder (e.g. acestep-v15-base/) found in")):
+        proc = _cli(monkeypatch, capsys, "settings", "set", "checkpoint_dir", str(folder))
+        assert proc.code == 1 and needle in proc.err, proc.err
+        assert len(proc.err.strip().splitlines()) == 1 and "Traceback" not in proc.err
+        assert not (cfg_dir / "settings.json").exists()  # nothing saved
+    proc = _cli(monkeypatch, capsys, "settings", "set", "checkpoint_dir", str(checkpoint_root))
+    assert proc.code == 0 and "Models found: acestep-v15-base" in proc.err, proc.err
+    stored = json.loads((cfg_dir / "settings.json").read_text())
+    assert stored["checkpoint_dir"] == str(checkpoint_root) and stored["first_run_done"] is True  # setup done
+
+
+def test_cli_set_model_must_be_in_the_checkpoint_folder_and_lists_those_found(cfg_dir, checkpoint_root, monkeypatch, capsys):
+    assert _cli(monkeypatch, capsys, "settings", "set", "checkpoint_dir", str(checkpoint_root)).code == 0
+    proc = _cli(monkeypatch, capsys, "settings", "set", "model", "xl-turbo")
+    assert proc.code == 1 and len(proc.err.strip().splitlines()) == 1, proc.err
+    assert "No model 'xl-turbo'" in proc.err and "models found: acestep-v15-base" in proc.err
+    assert json.loads((cfg_dir / "settings.json").read_text())["model"] == "base"  # unchanged
+    assert _cli(monkeypatch, capsys, "settings", "set", "model", "base").code == 0

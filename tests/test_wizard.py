@@ -300,7 +300,7 @@ def test_train_flow_shows_the_map_and_lets_the_user_ignore_it(configured, datase
                                                               use_map):
     _write_map(dataset_dir)
     rank = [] if use_map == "Use it" else ["16"]  # with the map, the map decides ranks: no rank question
-    script = ["", "basic", "", str(dataset_dir), use_map, str(tmp_path / "out"), *rank, "", "2", "", "y", "n"]
+    script = ["", "basic", "", str(dataset_dir), use_map, str(tmp_path / "out"), *rank, "", "2", "", "y", "n", "n"]
     asker = ScriptedAsker(script)
     tf.train_flow(asker, Session())
     [config] = recorded_trains
@@ -312,7 +312,7 @@ def test_train_flow_shows_the_map_and_lets_the_user_ignore_it(configured, datase
 
 def test_train_preset_applies_only_overlapping_fields(configured, dataset_dir, tmp_path, recorded_trains):
     presets.save_preset("mine", {"rank": 24, "rank_min": 8, "rank_max": 48, "lr": 5e-5, "batch_size": 2})
-    script = ["mine", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "", "", "y", "n"]
+    script = ["mine", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "", "", "y", "n", "n"]
     asker = ScriptedAsker(script)
     tf.train_flow(asker, Session())
     [config] = recorded_trains
@@ -326,7 +326,7 @@ def test_train_advanced_asks_every_field_and_back_keeps_answers(configured, data
     answers = ["", "advanced", "", str(dataset_dir), str(tmp_path / "out")] + [""] * len(fields)
     answers[5] = "32"  # rank
     answers[6:6] = ["b", ""]  # back at alpha -> rank shows 32 as its default
-    asker = ScriptedAsker(answers + ["y", "n"])
+    asker = ScriptedAsker(answers + ["y", "n", "n"])
     tf.train_flow(asker, Session())
     [config] = recorded_trains
     assert config.rank == 32 and config.alpha == 64.0
@@ -339,7 +339,7 @@ def test_train_flow_asks_for_samples_and_rejects_a_bad_prompts_file(configured, 
     good, bad = tmp_path / "prompts.toml", tmp_path / "bad.json"
     good.write_text('[[prompts]]\nprompt = "warm pads"\nduration = 10\n', encoding="utf-8")
     bad.write_text("[]", encoding="utf-8")
-    script = ["", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "", "25", str(bad), str(good), "y", "n"]
+    script = ["", "basic", "", str(dataset_dir), str(tmp_path / "out"), "", "", "", "25", str(bad), str(good), "y", "n", "n"]
     asker = ScriptedAsker(script)
     tf.train_flow(asker, Session())
     [config] = recorded_trains
@@ -362,7 +362,7 @@ def test_train_flow_really_trains(configured, dataset_dir, tmp_path, monkeypatch
     for extra in sorted(dataset_dir.glob("*.pt"))[2:]:
         extra.unlink()
     out = tmp_path / "out"
-    asker = ScriptedAsker(["", "basic", "", str(dataset_dir), str(out), "8", "", "1", "", "y", "n"])
+    asker = ScriptedAsker(["", "basic", "", str(dataset_dir), str(out), "8", "", "1", "", "y", "n", "n"])
     tf.train_flow(asker, Session())
     assert (out / "final").is_dir()
     assert "Trained 2 steps" in asker.said_text()
@@ -458,3 +458,124 @@ def test_choosing_a_preset_after_going_back_replaces_earlier_rank_answers(config
     af.analysis_flow(ScriptedAsker(script), Session())
     config = recorded_runs[0]
     assert (config.base_rank, config.rank_min, config.rank_max, config.focus_label) == (64, 16, 128, "texture")
+
+
+# ---- issue 15: the chain between flows, Export, audio folders, setup, back after an error, type-ahead ---------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from sidestep.wizard import common as wc  # noqa: E402
+from sidestep.wizard.asker import flush_typeahead  # noqa: E402
+
+
+def test_preprocessing_plus_plus_hands_its_preset_and_model_to_train(configured, dataset_dir, tmp_path, monkeypatch,
+                                                                     recorded_trains):
+    presets.save_preset("mine", {"rank": 24, "rank_min": 8, "rank_max": 48, "lr": 5e-5, "epochs": 3})
+    monkeypatch.setattr(af, "_run", lambda asker, config, answers: SimpleNamespace(map=None))
+    script = _analysis_script(dataset_dir)
+    script[0] = "mine"
+    script[4:7] = ["", "", ""]
+    script[8:] = ["y",  # Train now with this map?
+                  "basic", "", str(tmp_path / "out"), "", "", "", "", "y", "n", "n"]
+    asker = ScriptedAsker(script)
+    af.analysis_flow(asker, Session())
+    [config] = recorded_trains
+    messages = [q.message for q in asker.asked]
+    after = messages[messages.index("Train now with this map?") + 1:]
+    assert not any(m.startswith(("Load defaults", "Which model")) for m in after)  # carried, not asked again
+    assert (config.lr, config.epochs, config.rank) == (5e-5, 3, 24)  # the preset's train fields apply
+    said = " ".join(asker.said_text().split())
+    assert "From Preprocessing++: model acestep-v15-base" in said and "preset mine" in said
+
+
+def _saved_run(root: Path) -> Path:
+    from test_train_export import _adaptive_plan, _trained
+    from sidestep.training import saving
+
+    plan = _adaptive_plan()
+    saving.save_adapter_dir(root / "final", plan, _trained(plan))
+    return root
+
+
+def test_export_flow_writes_the_run_named_file_and_asks_before_replacing(configured, tmp_path):
+    from sidestep.wizard.export_flow import export_flow
+
+    run = _saved_run(tmp_path / "my-run")
+    loras = tmp_path / "loras"
+    session = Session(last_output=run)
+    asker = ScriptedAsker(["", "comfyui", str(loras)])  # Enter: the last training output is the default source
+    assert export_flow(asker, session) == loras / "my-run.safetensors"
+    assert (loras / "my-run.safetensors").stat().st_mode & 0o777 == 0o644
+    before = (loras / "my-run.safetensors").read_bytes()
+    asker = ScriptedAsker(["", "comfyui", str(loras), "n", str(tmp_path / "elsewhere")])
+    assert export_flow(asker, session) == tmp_path / "elsewhere" / "my-run.safetensors"
+    assert (loras / "my-run.safetensors").read_bytes() == before  # refused: untouched
+    assert any(q.message.endswith("already exists. Replace it?") for q in asker.asked)
+
+
+def test_export_is_in_the_main_menu(configured, tmp_path):
+    run = _saved_run(tmp_path / "menu-run")
+    asker = ScriptedAsker(["Export", str(run), "peft", str(tmp_path / "peft-copy"), "Quit"])
+    run_wizard(asker)
+    assert (tmp_path / "peft-copy" / "adapter_config.json").is_file()
+
+
+def test_an_audio_folder_given_as_dataset_offers_to_preprocess_it(configured, dataset_dir, tmp_path, monkeypatch):
+    from sidestep.models.select import choose_model
+
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    (songs / "a.wav").write_bytes(b"RIFF")
+    runs = []
+
+    def fake_run(asker, config):  # the encoding itself is preprocess's own test; here: what the wizard asks
+        runs.append(config)
+        return SimpleNamespace(done=[1], skipped=[], output_dir=dataset_dir)
+
+    monkeypatch.setattr(pf, "_run", fake_run)
+    answers = {"model": choose_model(None, None, base_variant="base")}
+    asker = ScriptedAsker([str(songs), "y", "", "", "y"])
+    assert wc.ask_dataset(asker, answers) == dataset_dir
+    assert runs[0].audio_dir == songs.resolve() and answers["scan"].files
+    assert asker.asked[1].message.startswith(f"{songs.resolve()} holds 1 audio files")
+    asker = ScriptedAsker([str(songs), "n", str(dataset_dir)])  # declined: the folder is asked again
+    assert wc.ask_dataset(asker, answers) == dataset_dir.resolve() and len(runs) == 1
+
+
+@pytest.mark.parametrize("where", ["settings set", "environment"])
+def test_setup_counts_as_done_once_a_checkpoint_folder_is_set_anywhere(checkpoint_root, monkeypatch, where):
+    if where == "settings set":
+        settings.set_value("checkpoint_dir", str(checkpoint_root))
+        assert settings.load_settings().first_run_done
+    else:
+        monkeypatch.setenv("SIDESTEP_CHECKPOINT_DIR", str(checkpoint_root))
+    asker = ScriptedAsker(["Quit"])
+    run_wizard(asker)
+    assert [q.message for q in asker.asked] == ["What do you want to do?"]  # no first-run questions
+
+
+def test_a_lone_b_goes_back_even_right_after_a_rejected_answer():
+    with pytest.raises(Back):
+        _typed("x\rb\r\x03", lambda a: a.integer("n", default=5, lo=1, hi=9))  # Ctrl-C: ends it if b did not
+    with pytest.raises(Back):
+        _typed("/no/such/folder\rb\r\x03", lambda a: a.folder("where"))
+    assert _typed("x\r\x7f7\r", lambda a: a.integer("n", default=5, lo=1, hi=9)) == 7  # other keys still edit
+
+
+def test_type_ahead_is_flushed_on_a_terminal_and_left_alone_otherwise():
+    import io
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"y\r")
+        with os.fdopen(os.dup(slave), "rb", buffering=0) as stream:
+            assert select.select([slave], [], [], 1.0)[0]  # the keys are waiting
+            flush_typeahead(stream)
+            assert not select.select([slave], [], [], 0.2)[0]  # and gone
+    finally:
+        os.close(master)
+        os.close(slave)
+    flush_typeahead(io.StringIO("y\n"))  # not a terminal: nothing to do, no error

@@ -157,3 +157,62 @@ def test_refuses_without_a_terminal(tmp_path):
         assert done.returncode == 1
         assert "needs an interactive terminal" in done.stderr and "sidestep analyze" in done.stderr
         assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_chain_preprocessing_plus_plus_then_train_then_export(demo, tmp_path, dataset_dir):
+    """Issue 15's chain on the demo model: PP++ → "Train now?" (preset and model carried) → train → Export,
+    with a lone `b` after a rejected answer on the way."""
+    for extra in sorted(dataset_dir.glob("*.pt"))[2:]:
+        extra.unlink()  # two songs: one short epoch
+    config_dir, out, loras = tmp_path / "config", tmp_path / "my-run", tmp_path / "loras"
+    config_dir.mkdir()
+    (config_dir / "settings.json").write_text(json.dumps(
+        {"version": 1, "checkpoint_dir": str(demo["checkpoints"]), "model": "base", "first_run_done": True}))
+    child = _spawn(config_dir)
+    s = Screen(child)
+    try:
+        s.answer("What do you want to do", ENTER)  # Preprocessing++
+        s.answer("Load defaults from a preset", ENTER)
+        s.answer("Which model", ENTER)
+        s.answer("Dataset folder", str(dataset_dir) + ENTER)
+        s.answer("Timestep focus", ENTER)
+        s.answer("Base rank", "8" + ENTER)
+        s.answer("Smallest rank", "4" + ENTER)
+        s.answer("Largest rank", "16" + ENTER)
+        s.answer(r"Run Preprocessing\+\+ now\?", "y")
+        s.answer(r"Save fisher_map\.json\?", "y")
+        s.answer(r"Train now with this map\?", "y")
+        handed_over = s.answer("How much do you want to set", ENTER)  # no preset or model question before it
+        assert "From Preprocessing++: model" in handed_over and "Load defaults" not in handed_over
+        s.answer("Dataset folder", ENTER)  # carried over as the default
+        s.answer("Use it", ENTER)
+        s.answer("Output folder for the adapter", str(out) + ENTER)
+        s.answer("Learning rate", ENTER)
+        s.answer("Epochs", "x" + ENTER)  # rejected ...
+        s.answer("not a whole number", "b" + ENTER)  # ... then a lone b still goes back
+        s.answer("Learning rate", ENTER)
+        s.answer("Epochs", "1" + ENTER)
+        s.answer("Listen while training", ENTER)
+        s.answer("Adapter init", ENTER)
+        s.answer(r"Start training\?", "y")
+        trained = s.answer(r"Save these choices as a preset\?", "n")
+        assert "Loading the model" in trained and "Trained 2 steps" in trained
+        s.answer(r"Export the adapter for ComfyUI, diffusers or peft now\?", "y")
+        s.answer("Trained adapter", ENTER)  # this run's output folder
+        s.answer("Export for which loader", ENTER)  # comfyui
+        s.answer("Destination folder", str(loras) + ENTER)
+        s.wait("Exported")
+        s.answer("What do you want to do", CTRL_C)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, s.seen[-3000:]
+    assert (dataset_dir / "fisher_map.json").is_file() and (out / "final").is_dir()
+    exported = loras / "my-run.safetensors"
+    assert exported.is_file() and (exported.stat().st_mode & 0o777) == 0o644
+    from safetensors import safe_open
+
+    with safe_open(str(exported), framework="pt") as handle:
+        header = handle.metadata()
+    assert json.loads(header["ss_network_args"])["adaptive"] and header["ss_steps"] == "2"

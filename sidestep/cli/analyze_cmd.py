@@ -10,7 +10,6 @@ from rich.prompt import Confirm
 
 from sidestep.display import output
 from sidestep.display.analysis import print_preview
-from sidestep.cli.app import app
 from sidestep.cli.options import (
     AllowTurboOpt,
     AlphaRatioOpt,
@@ -44,7 +43,6 @@ from sidestep.errors import ConfigError
 __all__ = ["analyze", "summary_json"]
 
 
-@app.command()
 def analyze(
     dataset_dir: DatasetDirOpt = None,
     timestep_focus: TimestepFocusOpt = "balanced",
@@ -143,7 +141,8 @@ def _confirm(yes: bool, before: Callable[[], None]) -> Callable[[Any], bool]:
         print_preview(build_preview(fmap))
         if yes:
             return True
-        return Confirm.ask("Save fisher_map.json?", default=False, console=output.console)
+        # Yes by default, as in the wizard: a map already there is kept as fisher_map.json.bak
+        return Confirm.ask("Save fisher_map.json?", default=True, console=output.console)
 
     return ask
 

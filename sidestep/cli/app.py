@@ -5,12 +5,48 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from sidestep.display import output
 from sidestep.cli.failures import DEBUG_HINT, describe
+from sidestep.cli.options import PANEL_ORDER
 from sidestep.errors import Interrupted, SidestepError, TrainingDiverged
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+class _Command(TyperCommand):
+    """A command whose --help reads at 80 columns: panels in one order for every command, and a `--x/--no-x`
+    pair shown as `--x` with `--no-x` named in its help (a second name column would squeeze the help text and
+    cut long flag names)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        params = list(self.params)
+        paired = [p for p in params if isinstance(p, TyperOption) and p.secondary_opts]
+        saved = [(p, p.secondary_opts, p.help) for p in paired]
+        try:
+            for param in paired:
+                param.help = f"{(param.help or '').rstrip()} Off: {' / '.join(param.secondary_opts)}."
+                param.secondary_opts = []
+            self.params.sort(key=_panel_rank)  # typer lists panels in the order their first option appears
+            super().format_help(ctx, formatter)
+        finally:
+            self.params[:] = params
+            for param, secondary, text in saved:
+                param.secondary_opts, param.help = secondary, text
+
+
+def _panel_rank(param: Any) -> int:
+    panel = getattr(param, "rich_help_panel", None)
+    return PANEL_ORDER.index(panel) if panel in PANEL_ORDER else len(PANEL_ORDER)
+
+
+class _Group(TyperGroup):
+    command_class = _Command
+
 
 app = typer.Typer(
     name="sidestep",
@@ -18,11 +54,25 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
+    cls=_Group,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from sidestep import __version__
+
+        output.stdout.print(f"sidestep {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
-def _root(ctx: typer.Context) -> None:
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_version)] = False,
+) -> None:
     # `sidestep` with no command starts the interactive wizard.
     if ctx.invoked_subcommand is None:
         from sidestep.cli.wizard_cmd import start_wizard
@@ -31,8 +81,16 @@ def _root(ctx: typer.Context) -> None:
 
 
 def _register_commands() -> None:
-    # Each command module adds itself to `app`; imported here so `app` exists first.
-    from sidestep.cli import commands  # noqa: F401
+    """Add every command of the explicit table in cli/commands.py."""
+    from sidestep.cli.commands import COMMANDS, GROUPS
+
+    for name, function in COMMANDS:
+        app.command(name, cls=_Command)(function)
+    for name, help_text, subcommands in GROUPS:
+        group = typer.Typer(help=help_text, no_args_is_help=True, context_settings=HELP_OPTIONS, cls=_Group)
+        for sub, function in subcommands:
+            group.command(sub, cls=_Command)(function)
+        app.add_typer(group, name=name)
 
 
 _register_commands()

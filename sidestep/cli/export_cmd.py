@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from sidestep.display import output
-from sidestep.cli.app import app
 from sidestep.cli.options import ExportFormatOpt, JsonOpt, OverwriteOpt
 from sidestep.errors import ConfigError
 
@@ -20,7 +19,6 @@ DestArg = Annotated[Path, typer.Argument(help="Destination: a .safetensors file 
                                          show_default=False)]
 
 
-@app.command("export")
 def export(src: SrcArg, dest: DestArg, format: ExportFormatOpt = None, overwrite: OverwriteOpt = False,
            json: JsonOpt = False) -> None:
     """Write a trained adapter for ComfyUI (with alpha tensors), diffusers (with its metadata) or peft."""

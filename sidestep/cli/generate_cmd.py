@@ -2,48 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from sidestep.display import output
-from sidestep.cli.app import app
-from sidestep.cli.options import BaseVariantOpt, CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt
+from sidestep.cli.options import COMMON, SCHEDULE, BaseVariantOpt, CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt
 from sidestep.errors import ConfigError
 
 __all__ = ["generate"]
 
 PromptOpt = Annotated[str | None, typer.Option("--prompt", help="What the music is: genre, instruments, mood.",
-                                               show_default=False)]
+                                               show_default=False, rich_help_panel=COMMON)]
 LyricsOpt = Annotated[str | None, typer.Option("--lyrics", help="Lyrics with [Verse]/[Chorus] tags (default: "
-                                                                "[Instrumental]).", show_default=False)]
-DurationOpt = Annotated[float, typer.Option("--duration", help="Seconds of audio per clip (a prompts file may set its own).")]
+                                                                "[Instrumental]).", show_default=False, rich_help_panel=COMMON)]
+DurationOpt = Annotated[float, typer.Option("--duration", help="Seconds of audio per clip (a prompts file may set its own).", rich_help_panel=COMMON)]
 GenSeedOpt = Annotated[int, typer.Option("--seed", help="Noise seed; the same seed gives the same audio (file entries "
-                                                        "without a seed use SEED + their position).")]
+                                                        "without a seed use SEED + their position).", rich_help_panel=COMMON)]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps (default: 8 for turbo, 50 for base/sft).",
-                                              show_default=False)]
+                                              show_default=False, rich_help_panel=SCHEDULE)]
 GuidanceOpt = Annotated[float | None, typer.Option("--guidance", help="Guidance scale for base/sft (default 7; turbo "
-                                                                      "has none).", show_default=False)]
+                                                                      "has none).", show_default=False, rich_help_panel=SCHEDULE)]
 ShiftOpt = Annotated[float | None, typer.Option("--shift", help="Timestep shift (default: 3 for turbo, 1 for base/sft).",
-                                                show_default=False)]
-BpmOpt = Annotated[int | None, typer.Option("--bpm", help="Tempo hint, 30-300.", show_default=False)]
-KeyscaleOpt = Annotated[str | None, typer.Option("--keyscale", help="Key hint, e.g. \"C major\".", show_default=False)]
+                                                show_default=False, rich_help_panel=SCHEDULE)]
+BpmOpt = Annotated[int | None, typer.Option("--bpm", help="Tempo hint, 30-300.", show_default=False, rich_help_panel=COMMON)]
+KeyscaleOpt = Annotated[str | None, typer.Option("--keyscale", help="Key hint, e.g. \"C major\".", show_default=False, rich_help_panel=COMMON)]
 PromptsOpt = Annotated[Path | None, typer.Option("--prompts", help="A .toml (a prompts array of tables) or .json list of "
                                                                    "prompts: prompt, lyrics, duration, seed, bpm, keyscale, "
                                                                    "name.",
-                                                 show_default=False)]
+                                                 show_default=False, rich_help_panel=COMMON)]
 AdapterPathOpt = Annotated[Path | None, typer.Option("--adapter", help="An adapter folder, a training output folder, "
                                                                        "or an exported diffusers/ComfyUI .safetensors.",
-                                                     show_default=False)]
-StrengthOpt = Annotated[float, typer.Option("--strength", help="Adapter strength: 0 = the base model, 1 = as trained.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Folder for the .wav files and their settings .json.")]
-ReplaceOpt = Annotated[bool, typer.Option("--overwrite", help="Replace .wav/.json files of the same names in --out.")]
+                                                     show_default=False, rich_help_panel=COMMON)]
+StrengthOpt = Annotated[float, typer.Option("--strength", help="Adapter strength: 0 = the base model, 1 = as trained.", rich_help_panel=COMMON)]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder for the .wav files and their settings .json.", rich_help_panel=COMMON)]
+ReplaceOpt = Annotated[bool, typer.Option("--overwrite", help="Replace .wav/.json files of the same names in --out.", rich_help_panel=COMMON)]
 CompareOpt = Annotated[bool, typer.Option("--compare", help="Also render the base model with the same prompts and seeds "
-                                                            "(NAME.base.wav beside NAME.adapter.wav).")]
+                                                            "(NAME.base.wav beside NAME.adapter.wav).", rich_help_panel=COMMON)]
 
 
-@app.command()
 def generate(
     prompt: PromptOpt = None,
     lyrics: LyricsOpt = None,
@@ -90,11 +89,17 @@ def generate(
     choice = choose_model(checkpoint_dir, model, base_variant)
     runtime = choose_runtime(device, precision, False)
 
-    def show(event) -> None:
-        label = f" ({event.label})" if config.compare else ""
-        output.info(f"Rendering {event.index + 1}/{event.total}: {event.name}{label}")
+    loading = contextlib.ExitStack()
 
-    outcome = run_generate(config, choice, runtime, show if not json else lambda event: None)
+    def show(event) -> None:
+        loading.close()  # the models are in; rendering starts
+        label = f" ({event.label})" if config.compare else ""
+        if not json:
+            output.info(f"Rendering {event.index + 1}/{event.total}: {event.name}{label}")
+
+    with loading:
+        loading.enter_context(output.status("Loading the model, the VAE and the text encoder…"))
+        outcome = run_generate(config, choice, runtime, show)
     if json:
         output.emit_json(outcome.to_json())
         return

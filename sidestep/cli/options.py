@@ -13,161 +13,212 @@ import typer
 
 from sidestep.analysis.fisher_map import ADVISED_LR
 
+# The help panels every command groups its options into (`rich_help_panel=`), so --help reads at 80 columns.
+COMMON = "Common"
+SCHEDULE = "Schedule"
+MEMORY = "Memory"
+CHECKPOINTS = "Validation & checkpoints"
+ADVANCED = "Advanced"
+PANEL_ORDER = (COMMON, SCHEDULE, MEMORY, CHECKPOINTS, ADVANCED)
+
 CheckpointDirOpt = Annotated[
     Path | None,
-    typer.Option("--checkpoint-dir", help="ACE-Step checkpoint folder (default: from settings).", show_default=False),
+    typer.Option("--checkpoint-dir", help="ACE-Step checkpoint folder (default: from settings).", show_default=False,
+                 rich_help_panel=COMMON),
 ]
 ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
         help="Model variant or folder name: turbo, base, sft, xl-base, ... (default: from settings).",
-        show_default=False,
+        show_default=False, rich_help_panel=COMMON
     ),
 ]
 DeviceOpt = Annotated[
     str | None,
     typer.Option(
-        "--device", help="Compute device: auto, cpu, cuda, cuda:N or mps (default: from settings).", show_default=False
+        "--device", help="Compute device: auto, cpu, cuda, cuda:N or mps (default: from settings).", show_default=False,
+        rich_help_panel=MEMORY
     ),
 ]
 PrecisionOpt = Annotated[
     str | None,
     typer.Option(
-        "--precision", help="Precision: auto, bf16, fp16 or fp32 (default: from settings).", show_default=False
+        "--precision", help="Precision: auto, bf16, fp16 or fp32 (default: from settings).", show_default=False,
+        rich_help_panel=MEMORY
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Answer yes to every confirmation.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else there.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.",
+                                      rich_help_panel=COMMON)]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Answer yes to every confirmation.", rich_help_panel=COMMON)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, nothing else there.",
+                                       rich_help_panel=COMMON)]
 BaseVariantOpt = Annotated[
     str | None,
     typer.Option("--base-variant", help="For a fine-tune: the official variant it descends from (turbo, base, sft, ...).",
-                 show_default=False),
+                 show_default=False, rich_help_panel=ADVANCED),
 ]
 
 # ---- Preprocessing++ (`sidestep analyze`, shared with train where the meaning is the same) ----
 DatasetDirOpt = Annotated[
     Path | None,
-    typer.Option("--dataset-dir", help="Folder of preprocessed .pt files (required).", show_default=False),
+    typer.Option("--dataset-dir", help="Folder of preprocessed .pt files (required).", show_default=False,
+                 rich_help_panel=COMMON),
 ]
 TimestepFocusOpt = Annotated[
     str,
-    typer.Option("--timestep-focus", help="balanced, texture (t in 0..0.4), structure (t in 0.6..1) or a range LOW,HIGH."),
+    typer.Option("--timestep-focus", help="balanced, texture (t in 0..0.4), structure (t in 0.6..1) or a range LOW,HIGH.",
+                 rich_help_panel=COMMON),
 ]
 RankOpt = Annotated[int, typer.Option("--rank", help="Target median LoRA rank (with --budget flat: the flat rank whose "
-                                                     "parameter count is spent).")]
-RankMinOpt = Annotated[int, typer.Option("--rank-min", help="Smallest rank of any adapted module.")]
-RankMaxOpt = Annotated[int, typer.Option("--rank-max", help="Largest rank of any adapted module.")]
+                                                     "parameter count is spent).", rich_help_panel=COMMON)]
+RankMinOpt = Annotated[int, typer.Option("--rank-min", help="Smallest rank of any adapted module.",
+                                         rich_help_panel=COMMON)]
+RankMaxOpt = Annotated[int, typer.Option("--rank-max", help="Largest rank of any adapted module.",
+                                         rich_help_panel=COMMON)]
 ConvergencePatienceOpt = Annotated[
-    int, typer.Option("--convergence-patience", help="Stop a run once its module ranking is stable for N batches.")
+    int, typer.Option("--convergence-patience", help="Stop a run once its module ranking is stable for N batches.",
+                      rich_help_panel=SCHEDULE)
 ]
 RunsOpt = Annotated[
     int | None,
-    typer.Option("--runs", help="Estimation runs (default: 2 for up to 10 samples, else 3).", show_default=False),
+    typer.Option("--runs", help="Estimation runs (default: 2 for up to 10 samples, else 3).", show_default=False,
+                 rich_help_panel=SCHEDULE),
 ]
 BatchesPerRunOpt = Annotated[
     int | None,
-    typer.Option("--batches-per-run", help="Batches per run (default: each sample once, at most 50).", show_default=False),
+    typer.Option("--batches-per-run", help="Batches per run (default: each sample once, at most 50).", show_default=False,
+                 rich_help_panel=SCHEDULE),
 ]
 MapOutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", help="Where to write the map (default: <dataset-dir>/fisher_map.json).", show_default=False),
+    typer.Option("--output", help="Where to write the map (default: <dataset-dir>/fisher_map.json).", show_default=False,
+                 rich_help_panel=COMMON),
 ]
 BudgetOpt = Annotated[
     str, typer.Option("--budget", help="median: the median rank is --rank; flat: total adapter parameters equal a "
-                                       "flat LoRA at --rank on every module.")
+                                       "flat LoRA at --rank on every module.", rich_help_panel=ADVANCED)
 ]
-AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.")]
+AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.",
+                                              rich_help_panel=ADVANCED)]
 RankSignalOpt = Annotated[
     str, typer.Option("--rank-signal", help="What sizes each module's rank: data (gradient sketch rank), fisher "
                                             "(score only), weight (reference's weight SVD), grad-energy, or need "
-                                            "(noise-free mean gradient; water-filling under --budget flat).")
+                                            "(noise-free mean gradient; water-filling under --budget flat).",
+                                            rich_help_panel=ADVANCED)
 ]
 AllowTurboOpt = Annotated[
-    bool, typer.Option("--allow-turbo", help="Analyse a turbo model anyway (Preprocessing++ can destabilise turbo training).")
+    bool, typer.Option("--allow-turbo", help="Analyse a turbo model anyway (Preprocessing++ can destabilise turbo training).",
+                       rich_help_panel=ADVANCED)
 ]
 GradientCheckpointingOpt = Annotated[
     bool | None,
     typer.Option("--gradient-checkpointing/--no-gradient-checkpointing",
-                 help="Recompute activations to save memory (default: on for GPUs, off on CPU).", show_default=False),
+                 help="Recompute activations to save memory (default: on for GPUs, off on CPU).", show_default=False,
+                 rich_help_panel=MEMORY),
 ]
-SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable samples out (and list them) instead of stopping.")]
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Leave unreadable samples out (and list them) instead of stopping.",
+                                          rich_help_panel=ADVANCED)]
 WeightRankOpt = Annotated[
-    bool, typer.Option("--weight-rank/--no-weight-rank", help="Also measure each weight's effective rank (an SVD per module).")
+    bool, typer.Option("--weight-rank/--no-weight-rank", help="Also measure each weight's effective rank (an SVD per module).",
+                       rich_help_panel=ADVANCED)
 ]
 
 # ---- training and export (`sidestep train`, `sidestep export`) ----
 OutputDirOpt = Annotated[
     Path | None,
-    typer.Option("--output-dir", help="Where checkpoints/, final/ and run.json go (required).", show_default=False),
+    typer.Option("--output-dir", help="Where checkpoints/, final/ and run.json go (required).", show_default=False,
+                 rich_help_panel=COMMON),
 ]
-AdapterRankOpt = Annotated[int, typer.Option("--rank", help="LoRA rank of every adapted module (a fisher_map.json overrides it).")]
+AdapterRankOpt = Annotated[int, typer.Option("--rank", help="LoRA rank of every adapted module (a fisher_map.json overrides it).",
+                                             rich_help_panel=COMMON)]
 AlphaOpt = Annotated[
-    float | None, typer.Option("--alpha", help="LoRA alpha (default: 2 × rank); strength = alpha / rank.", show_default=False)
+    float | None, typer.Option("--alpha", help="LoRA alpha (default: 2 × rank); strength = alpha / rank.", show_default=False,
+                               rich_help_panel=ADVANCED)
 ]
-DropoutOpt = Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input, 0..1.")]
+DropoutOpt = Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input, 0..1.",
+                                           rich_help_panel=ADVANCED)]
 TargetModulesOpt = Annotated[
     str, typer.Option("--target-modules", help="Comma-separated groups (self-attn, cross-attn, mlp) or module names "
-                                               "(q_proj, cross_attn.k_proj, layers.3.mlp.up_proj).")
+                                               "(q_proj, cross_attn.k_proj, layers.3.mlp.up_proj).",
+                                               rich_help_panel=ADVANCED)
 ]
-AdapterKindOpt = Annotated[str, typer.Option("--adapter", help="Adapter type: lora, dora, lokr or loha (via peft).")]
-LrOpt = Annotated[float, typer.Option("--lr", help=f"Peak learning rate (with a Preprocessing++ map try {ADVISED_LR}).")]
+AdapterKindOpt = Annotated[str, typer.Option("--adapter", help="Adapter type: lora, dora, lokr or loha (via peft).",
+                                             rich_help_panel=COMMON)]
+LrOpt = Annotated[float, typer.Option("--lr", help=f"Peak learning rate (with a Preprocessing++ map try {ADVISED_LR}).",
+                                      rich_help_panel=COMMON)]
 OptimizerOpt = Annotated[
-    str, typer.Option("--optimizer", help="adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; --lr 1.0).")
+    str, typer.Option("--optimizer", help="adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; --lr 1.0).",
+                      rich_help_panel=SCHEDULE)
 ]
-SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="Learning-rate schedule after warmup: cosine, constant or linear.")]
-WarmupStepsOpt = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup, in optimizer steps.")]
-EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the dataset (--max-steps, when given, wins).")]
+SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="Learning-rate schedule after warmup: cosine, constant or linear.",
+                                           rich_help_panel=SCHEDULE)]
+WarmupStepsOpt = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup, in optimizer steps.",
+                                             rich_help_panel=SCHEDULE)]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the dataset (--max-steps, when given, wins).",
+                                        rich_help_panel=SCHEDULE)]
 MaxStepsOpt = Annotated[
-    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
+    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False,
+                             rich_help_panel=SCHEDULE)
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per micro-batch (1 is exact; more pads).")]
-GradAccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
-MaxGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping norm; 0 disables.")]
-SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Save a resumable checkpoint every N epochs; 0 = only at the end.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per micro-batch (1 is exact; more pads).",
+                                           rich_help_panel=MEMORY)]
+GradAccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.",
+                                           rich_help_panel=MEMORY)]
+MaxGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="Gradient clipping norm; 0 disables.",
+                                               rich_help_panel=SCHEDULE)]
+SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Save a resumable checkpoint every N epochs; 0 = only at the end.",
+                                           rich_help_panel=CHECKPOINTS)]
 ResumeOpt = Annotated[
     str | None,
-    typer.Option("--resume", help="Continue from a checkpoint folder, or 'latest' under --output-dir.", show_default=False),
+    typer.Option("--resume", help="Continue from a checkpoint folder, or 'latest' under --output-dir.", show_default=False,
+                 rich_help_panel=CHECKPOINTS),
 ]
 IgnoreFisherMapOpt = Annotated[
-    bool, typer.Option("--ignore-fisher-map", help="Train a flat adapter even if the dataset has a fisher_map.json.")
+    bool, typer.Option("--ignore-fisher-map", help="Train a flat adapter even if the dataset has a fisher_map.json.",
+                       rich_help_panel=ADVANCED)
 ]
-CfgDropoutOpt = Annotated[float, typer.Option("--cfg-dropout", help="Probability of replacing the condition by the null condition.")]
+CfgDropoutOpt = Annotated[float, typer.Option("--cfg-dropout", help="Probability of replacing the condition by the null condition.",
+                                              rich_help_panel=ADVANCED)]
 TimestepModeOpt = Annotated[
     str | None,
     typer.Option("--timestep-mode", help="continuous (logit-normal; default for base/sft) or discrete (turbo 8-step "
-                                         "schedule; default for turbo).", show_default=False),
+                                         "schedule; default for turbo).", show_default=False, rich_help_panel=ADVANCED),
 ]
 MaxLatentLengthOpt = Annotated[
     int | None,
     typer.Option("--max-latent-length", help="Random crop to this many latent frames (25 per second) to bound memory.",
-                 show_default=False),
+                 show_default=False, rich_help_panel=MEMORY),
 ]
-InitOpt = Annotated[str, typer.Option("--init", help="Adapter init: default (peft's random A), or gradient (LoRA A from the top gradient directions that `sidestep analyze` stored in fisher_init.safetensors).")]
+InitOpt = Annotated[str, typer.Option("--init", help="Adapter init: default (peft's random A), or gradient (LoRA A from the top gradient directions that `sidestep analyze` stored in fisher_init.safetensors).",
+                                      rich_help_panel=ADVANCED)]
 SpikeFactorOpt = Annotated[
-    float, typer.Option("--spike-factor", help="Stop when the loss exceeds this × its running average; 0 disables.")
+    float, typer.Option("--spike-factor", help="Stop when the loss exceeds this × its running average; 0 disables.",
+                        rich_help_panel=SCHEDULE)
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing result (a trained adapter is kept as .bak).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing result (a trained adapter is kept as .bak).",
+                                            rich_help_panel=COMMON)]
 ExportFormatOpt = Annotated[
-    str | None, typer.Option("--format", help="comfyui, diffusers or peft (ACE-Step's own).", show_default=False)
+    str | None, typer.Option("--format", help="comfyui, diffusers or peft (ACE-Step's own).", show_default=False,
+                             rich_help_panel=COMMON)
 ]
 NoInitOpt = Annotated[
     bool, typer.Option("--no-init", help="Do not write fisher_init.safetensors (the bases `sidestep train --init "
-                                         "gradient` starts LoRA from).")
+                                         "gradient` starts LoRA from).", rich_help_panel=ADVANCED)
 ]
 
 # ---- listening (`sidestep train` samples)
 SampleEveryOpt = Annotated[
-    int, typer.Option("--sample-every", help="Render audio samples every N steps (and at step 0 and the end); 0 = never.")
+    int, typer.Option("--sample-every", help="Render audio samples every N steps (and at step 0 and the end); 0 = never.",
+                      rich_help_panel=CHECKPOINTS)
 ]
 SamplePromptsOpt = Annotated[
     Path | None,
     typer.Option("--sample-prompts", help="A .toml or .json prompts file, as for `sidestep generate` (default: "
-                                          "a dataset caption).", show_default=False),
+                                          "a dataset caption).", show_default=False, rich_help_panel=CHECKPOINTS),
 ]
 SampleStepsOpt = Annotated[
     int | None,
     typer.Option("--sample-steps", help="Sampling steps per sample (default: 8 for turbo, 50 for base/sft).",
-                 show_default=False),
+                 show_default=False, rich_help_panel=CHECKPOINTS),
 ]

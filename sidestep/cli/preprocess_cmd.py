@@ -12,28 +12,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sidestep.display import output
-from sidestep.cli.app import app
-from sidestep.cli.options import CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt, SeedOpt
+from sidestep.cli.options import ADVANCED, COMMON, CheckpointDirOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt, SeedOpt
 from sidestep.errors import DatasetError
 
 if TYPE_CHECKING:
     from sidestep.data.preprocess import PreprocessEvent, PreprocessSummary
 
 AudioDirOpt = Annotated[Path, typer.Option(
-    "--audio-dir", help="Folder of audio files (wav, flac, mp3, ogg; searched recursively).", show_default=False)]
+    "--audio-dir", help="Folder of audio files (wav, flac, mp3, ogg; searched recursively).", show_default=False, rich_help_panel=COMMON)]
 OutputOpt = Annotated[Path, typer.Option(
-    "--output", "-o", help="Folder to write the .pt training files to.", show_default=False)]
+    "--output", "-o", help="Folder to write the .pt training files to.", show_default=False, rich_help_panel=COMMON)]
 DatasetJsonOpt = Annotated[Path | None, typer.Option(
     "--dataset-json", help="JSON with per-file caption, lyrics, bpm, keyscale, language, is_instrumental "
-                           "(beats sidecar .json/.caption.txt/.lyrics.txt files).", show_default=False)]
+                           "(beats sidecar .json/.caption.txt/.lyrics.txt files).", show_default=False, rich_help_panel=COMMON)]
 MaxDurationOpt = Annotated[float | None, typer.Option(
     "--max-duration", help="Split longer songs into equal chunks of at most this many seconds (default: whole songs).",
-    show_default=False)]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Redo files whose output is already up to date.")]
+    show_default=False, rich_help_panel=ADVANCED)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo files whose output is already up to date.", rich_help_panel=ADVANCED)]
 _TABLE_ROWS = 50  # beyond this many files, the table lists only the ones that were not skipped
 
 
-@app.command()
 def preprocess(
     audio_dir: AudioDirOpt,
     output_dir: OutputOpt,

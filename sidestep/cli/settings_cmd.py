@@ -11,14 +11,9 @@ from rich.text import Text
 
 from sidestep import settings
 from sidestep.display import output
-from sidestep.cli.app import app
 from sidestep.cli.options import JsonOpt
 
-settings_app = typer.Typer(
-    help="Show and change the defaults used when a flag is not given (flag > env > settings file > default).",
-    no_args_is_help=True,
-)
-app.add_typer(settings_app, name="settings")
+HELP = "Show and change the defaults used when a flag is not given (flag > env > settings file > default)."
 
 KeyArg = Annotated[str, typer.Argument(help=f"One of: {', '.join(settings.SETTING_KEYS)}.", show_default=False)]
 ValueArg = Annotated[
@@ -26,7 +21,6 @@ ValueArg = Annotated[
 ]
 
 
-@settings_app.command("show")
 def show(json: JsonOpt = False) -> None:
     """Show each setting, its effective value and where that value comes from."""
     resolved = {key: settings.resolve(key) for key in settings.SETTING_KEYS}
@@ -50,17 +44,15 @@ def show(json: JsonOpt = False) -> None:
     output.stdout.print(table)
 
 
-@settings_app.command("set")
 def set_(key: KeyArg, value: ValueArg) -> None:
-    """Store one setting in the settings file."""
-    updated = settings.set_value(key, value)
+    """Store one setting in the settings file (a checkpoint folder must hold models, a model must be in it)."""
+    updated = settings.set_value(key, value, check=_check_setting)
     output.success(f"{key} = {_shown(getattr(updated, key))} saved to {settings.settings_path()}")
     env_name = settings.ENV_VARS.get(key)
     if env_name and settings.resolve(key).source == f"env {env_name}":
         output.warn(f"{env_name} is set in the environment and takes precedence over the settings file.")
 
 
-@settings_app.command("reset")
 def reset() -> None:
     """Move the settings file to settings.json.bak and write the defaults."""
     backup = settings.reset_settings()
@@ -69,10 +61,32 @@ def reset() -> None:
     output.success(f"Settings reset to defaults in {settings.settings_path()}")
 
 
-@settings_app.command("path")
 def path() -> None:
     """Print the settings file's path (the folder is set by SIDESTEP_CONFIG_DIR when given)."""
     output.stdout.print(str(settings.settings_path()), markup=False, soft_wrap=True)
+
+
+# The `sidestep settings` subcommands, registered by cli/commands.py.
+SUBCOMMANDS = (("show", show), ("set", set_), ("reset", reset), ("path", path))
+
+
+def _check_setting(key: str, value: Any) -> None:
+    """The wizard's checks, so a typo is refused here rather than at the next command's start."""
+    if key == "checkpoint_dir":
+        from sidestep.models.discovery import require_models
+
+        entries = require_models(value)
+        output.info(f"Models found: {', '.join(e.name for e in entries)}")
+    elif key == "model":
+        root = settings.resolve("checkpoint_dir").value
+        if root is not None and root.is_dir():  # without a folder only the spelling can be checked (done)
+            from sidestep.errors import ConfigError
+            from sidestep.models.discovery import find_model
+
+            try:
+                find_model(root, value)
+            except ConfigError:  # a fine-tune without a known parent is still a model that exists
+                pass
 
 
 def _jsonable(value: Any) -> Any:

@@ -6,7 +6,6 @@ from dataclasses import fields
 from enum import Enum
 from typing import Any
 
-from sidestep.cli.app import app
 from sidestep.cli.options import (AdapterKindOpt, AdapterRankOpt, AlphaOpt, BaseVariantOpt, BatchSizeOpt,
                                   CfgDropoutOpt, CheckpointDirOpt, DatasetDirOpt, DeviceOpt, DropoutOpt, EpochsOpt,
                                   GradAccumOpt, GradientCheckpointingOpt, IgnoreFisherMapOpt, InitOpt, JsonOpt, LrOpt,
@@ -29,7 +28,6 @@ def _default(name: str) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-@app.command()
 def train(
     dataset_dir: DatasetDirOpt = None,
     output_dir: OutputDirOpt = None,

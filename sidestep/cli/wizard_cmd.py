@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from sidestep.cli.app import app
 
 
-@app.command()
 def wizard() -> None:
     """Interactive menus for preprocessing, Preprocessing++, training, settings and presets."""
     start_wizard()

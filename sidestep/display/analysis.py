@@ -40,6 +40,12 @@ def print_preview(preview) -> None:
                   f"LoRA on every module ({_ratio(preview)}).")
     runs = "; ".join(f"run {r}: {b} batches, ρ {_opt(s, '.3f')}{' (converged)' if c else ''}" for r, b, s, c in preview.runs)
     console.print(f"Convergence: {runs}; agreement between runs ρ {_opt(preview.cross_run_spearman, '.3f')}.")
+    unsettled = [r for r, _b, _s, converged in preview.runs if not converged]
+    if unsettled:
+        which = ", ".join(map(str, unsettled))
+        output.warn(f"Run{'s' if len(unsettled) > 1 else ''} {which} of {len(preview.runs)} did not converge: the "
+                    "module ranking was still changing when the batches ran out, so this map is less certain. More "
+                    "batches per run (--batches-per-run) or more songs steady it.")
     if preview.need is not None:
         console.print(concentration_sentence(preview.need))
     if preview.low_confidence:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -34,3 +35,14 @@ def emit_json(payload: Any) -> None:
     """Machine-readable result on stdout, nothing else on that stream."""
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner with `message` on a terminal while something slow runs (loading a model); silent otherwise, so
+    logs and one-line errors stay as they are."""
+    if not console.is_terminal or console.quiet:
+        yield
+        return
+    with console.status(message, spinner="dots"):
+        yield

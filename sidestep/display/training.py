@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,16 @@ class TrainDisplay:
         )
         self.task: Any = None
         self.writer: Any = None
+        self._loading = contextlib.ExitStack()
 
     def __enter__(self) -> "TrainDisplay":
+        # checking the dataset and loading the model take a while before the bar: say so (terminal only)
+        self._loading = contextlib.ExitStack()
+        self._loading.enter_context(output.status("Checking the dataset and loading the model…"))
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._loading.close()
         if self.task is not None:  # the bar only exists once training started, so early errors stay one line
             self.bar.stop()
         if self.writer is not None:
@@ -64,6 +70,7 @@ class TrainDisplay:
                 self.writer.add_audio(f"samples/{path.stem}", mono, event.step, sample_rate=rate)
 
     def _started(self, event: Any) -> None:
+        self._loading.close()
         output.info(f"Model: {event.model}")
         output.info(f"Runtime: {event.runtime}")
         mode = "Adaptive Rank" if event.adaptive else "flat rank"

@@ -11,7 +11,7 @@ from typing import Any
 from sidestep.errors import CheckpointError, ConfigError
 from sidestep.models.variants import VARIANTS, Variant, folder_for, resolve_variant, variant_from_folder
 
-__all__ = ["Layout", "ModelEntry", "check_config", "discover_models", "find_model", "read_config"]
+__all__ = ["Layout", "ModelEntry", "check_config", "discover_models", "find_model", "read_config", "require_models"]
 
 # Folders that sit beside the models in a checkpoint root and are never DiTs.
 _SKIP_PREFIXES = ("vae", "qwen", "acestep-5hz", ".", "__")
@@ -103,6 +103,14 @@ def discover_models(root: Path) -> list[ModelEntry]:
             if entry:
                 entries.append(entry)
     return sorted(entries, key=lambda e: (not e.official, e.name))
+
+
+def require_models(root: Path) -> list[ModelEntry]:
+    """`discover_models`, refusing a folder that holds none: what a checkpoint folder setting must pass."""
+    entries = discover_models(root)
+    if not entries:
+        raise CheckpointError(f"No ACE-Step model folder (e.g. acestep-v15-base/) found in {Path(root).expanduser()}.")
+    return entries
 
 
 def find_model(root: Path, model: str, base_variant: str | None = None) -> ModelEntry:

@@ -6,7 +6,8 @@
   `lora_adapter_metadata` header; without that header diffusers would take alpha = rank.
 - `comfyui`: keys `diffusion_model.decoder.<original module>.lora_A.weight` / `.lora_B.weight` plus one
   `<module>.alpha` scalar per module, because ComfyUI applies alpha / rank only when that tensor exists.
-A source may itself be any of the three, so formats round-trip.
+A source may itself be any of the three, so formats round-trip. Both .safetensors formats also carry the run's
+training facts under kohya's `ss_*` header keys (export_meta.py).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from sidestep.models.convert import diffusers_to_original, original_to_diffusers
 from sidestep.training import saving
 from sidestep.training.adapters import AdapterPlan, peft_config
 from sidestep.training.config import AdapterKind
+from sidestep.training.export_meta import run_name, training_metadata
 
-__all__ = ["ExportFormat", "LoraAdapter", "ExportResult", "export_adapter", "read_lora", "adapter_source", "DIFFUSERS_WEIGHT_NAME",
+__all__ = ["ExportFormat", "LoraAdapter", "ExportResult", "export_adapter", "export_target", "read_lora", "adapter_source", "DIFFUSERS_WEIGHT_NAME",
            "COMFYUI_PREFIX", "DIFFUSERS_PREFIX"]
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-COMFYUI_WEIGHT_NAME = "adapter_comfyui.safetensors"
+COMFYUI_WEIGHT_NAME = "adapter_comfyui.safetensors"  # the name older versions wrote; still read
 COMFYUI_PREFIX = "diffusion_model.decoder."
 DIFFUSERS_PREFIX = "transformer."
 _METADATA_KEY = "lora_adapter_metadata"
@@ -78,7 +80,11 @@ class ExportResult:
 
 
 def export_adapter(src: Path, dest: Path, fmt: ExportFormat | str, overwrite: bool = False) -> ExportResult:
-    """Convert the adapter at `src` (a training output, adapter folder or exported file) into `fmt` at `dest`."""
+    """Convert the adapter at `src` (a training output, adapter folder or exported file) into `fmt` at `dest`.
+
+    A folder `dest` gets `<run name>.safetensors` for ComfyUI (its loras/ folder is flat: a fixed name would
+    collide) and diffusers' own `pytorch_lora_weights.safetensors` (the name `load_lora_weights(folder)` looks for).
+    """
     fmt = ExportFormat(fmt)
     src = _adapter_source(Path(src))
     if fmt is ExportFormat.PEFT and src.is_dir():  # any peft adapter (LoKr, DoRA, ...) copies as is
@@ -89,13 +95,26 @@ def export_adapter(src: Path, dest: Path, fmt: ExportFormat | str, overwrite: bo
         path = _target(Path(dest), None, overwrite)
         with atomic_dir(path) as tmp:
             _write_peft(tmp, adapter)
-    elif fmt is ExportFormat.DIFFUSERS:
+        return ExportResult(path, fmt, len(adapter.down))
+    header = _read_safetensors(src)[1] if src.is_file() else {}
+    meta = training_metadata(adapter.ranks, adapter.alphas, src, header)
+    if fmt is ExportFormat.DIFFUSERS:
         path = _target(Path(dest), DIFFUSERS_WEIGHT_NAME, overwrite)
-        _write_diffusers(path, adapter)
+        _write_diffusers(path, adapter, meta)
     else:
-        path = _target(Path(dest), COMFYUI_WEIGHT_NAME, overwrite)
-        _write_comfyui(path, adapter)
+        path = _target(Path(dest), f"{run_name(src)}.safetensors", overwrite)
+        _write_comfyui(path, adapter, meta)
     return ExportResult(path, fmt, len(adapter.down))
+
+
+def export_target(src: Path, dest: Path, fmt: ExportFormat | str) -> Path:
+    """The path `export_adapter(src, dest, fmt)` writes: the wizard asks before replacing it."""
+    fmt = ExportFormat(fmt)
+    dest = Path(dest)
+    if fmt is ExportFormat.PEFT or dest.suffix == ".safetensors":
+        return dest
+    name = DIFFUSERS_WEIGHT_NAME if fmt is ExportFormat.DIFFUSERS else f"{run_name(_adapter_source(Path(src)))}.safetensors"
+    return dest / name
 
 
 def read_lora(src: Path) -> LoraAdapter:
@@ -197,7 +216,7 @@ def _write_peft(folder: Path, adapter: LoraAdapter) -> None:
     save_file(tensors, str(folder / saving.ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def _write_diffusers(path: Path, adapter: LoraAdapter) -> None:
+def _write_diffusers(path: Path, adapter: LoraAdapter, meta: dict[str, str]) -> None:
     from diffusers.loaders import AceStepLoraLoaderMixin  # the writer diffusers itself uses
 
     layers = {}
@@ -210,17 +229,20 @@ def _write_diffusers(path: Path, adapter: LoraAdapter) -> None:
         AceStepLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers,
                                                  transformer_lora_adapter_metadata=metadata,
                                                  weight_name=DIFFUSERS_WEIGHT_NAME)
-        shutil.move(str(Path(tmp) / DIFFUSERS_WEIGHT_NAME), partial)
+        written = Path(tmp) / DIFFUSERS_WEIGHT_NAME
+        # diffusers' writer takes no extra header: add the training facts beside its own lora_adapter_metadata
+        tensors, header = _read_safetensors(written)
+        save_file(tensors, str(partial), metadata={**meta, **header})
 
 
-def _write_comfyui(path: Path, adapter: LoraAdapter) -> None:
+def _write_comfyui(path: Path, adapter: LoraAdapter, meta: dict[str, str]) -> None:
     tensors = {}
     for name in adapter.down:
         tensors[f"{COMFYUI_PREFIX}{name}.lora_A.weight"] = adapter.down[name].contiguous()
         tensors[f"{COMFYUI_PREFIX}{name}.lora_B.weight"] = adapter.up[name].contiguous()
         tensors[f"{COMFYUI_PREFIX}{name}.alpha"] = torch.tensor(float(adapter.alphas[name]))
     with atomic_path(path) as partial:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
+        save_file(tensors, str(partial), metadata={**meta, "format": "pt"})
 
 
 def _copy_peft_dir(src: Path, dest: Path) -> ExportResult:
@@ -250,6 +272,11 @@ def _adapter_source(src: Path) -> Path:
         for name in (DIFFUSERS_WEIGHT_NAME, COMFYUI_WEIGHT_NAME):
             if (src / name).is_file():
                 return src / name
+        files = sorted(src.glob("*.safetensors"))
+        if len(files) == 1:  # a folder an export wrote `<run name>.safetensors` into
+            return files[0]
+        if len(files) > 1:
+            raise CheckpointError(f"{src} holds {len(files)} .safetensors files; name the one to use.")
         raise CheckpointError(f"{src} holds no adapter ({saving.ADAPTER_CONFIG} or a .safetensors LoRA).")
     return src
 

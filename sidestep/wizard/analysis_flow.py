@@ -47,7 +47,8 @@ def analysis_flow(asker: Asker, session: Session, start: dict[str, Any] | None =
     if asker.confirm("Train now with this map?", default=True):
         from sidestep.wizard.train_flow import train_flow
 
-        train_flow(asker, session, start={"model": answers["model"], "dataset_dir": config.dataset_dir})
+        train_flow(asker, session, start={"model": answers["model"], "dataset_dir": config.dataset_dir,
+                                          "carried_preset": answers.get("preset", "")})
 
 
 def _steps() -> list[Step]:

@@ -9,6 +9,7 @@ a typed one.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 __all__ = [
     "BACK_WORD", "Asker", "Back", "Cancel", "Option", "Progressor", "QuestionaryAsker", "ScriptExhausted",
-    "ScriptedAsker", "Validator", "as_options", "parse_float", "parse_folder", "parse_int", "stdin_is_terminal",
+    "ScriptedAsker", "Validator", "as_options", "flush_typeahead", "parse_float", "parse_folder", "parse_int",
+    "stdin_is_terminal",
 ]
 
 BACK_WORD = "b"
@@ -336,6 +338,7 @@ class QuestionaryAsker:
                                     **self.prompt_io)
         if shown:
             _enter_takes_default(question, shown)
+        _back_after_error(question)
         raw = self._ask(question)
         if _is_back(raw):
             raise Back()
@@ -379,6 +382,9 @@ class QuestionaryAsker:
     def confirm(self, message: str, *, default: bool = False) -> bool:
         import questionary
 
+        # A confirm often follows a long job; keys pressed while it ran (an Enter to wake the screen) must not
+        # answer a question the user has not seen yet.
+        flush_typeahead()
         question = questionary.confirm(message, default=default, instruction="(y/n, b = back) ", **self.prompt_io)
         _bind_back(question, "back")
         answer = self._ask(question)
@@ -417,6 +423,39 @@ def _bind_back(question: Any, result: str) -> None:
 
     app = question.application
     app.key_bindings = merge_key_bindings([app.key_bindings, extra]) if app.key_bindings else extra
+
+
+def _back_after_error(question: Any) -> None:
+    """Right after a rejected answer, `b` replaces the rejected text, so a lone `b` + Enter still goes back."""
+    from prompt_toolkit.application.current import get_app
+    from prompt_toolkit.filters import Condition
+    from prompt_toolkit.key_binding import KeyBindings, merge_key_bindings
+
+    extra = KeyBindings()
+    rejected = Condition(lambda: get_app().current_buffer.validation_error is not None)
+
+    @extra.add("b", filter=rejected, eager=True)
+    @extra.add("B", filter=rejected, eager=True)
+    def _replace(event: Any) -> None:
+        event.current_buffer.text = BACK_WORD
+        event.current_buffer.cursor_position = len(BACK_WORD)
+
+    app = question.application
+    app.key_bindings = merge_key_bindings([app.key_bindings, extra]) if app.key_bindings else extra
+
+
+def flush_typeahead(stream: Any = None) -> None:
+    """Drop keys typed before a prompt was shown (termios.tcflush on a terminal; nothing otherwise)."""
+    stream = sys.stdin if stream is None else stream
+    try:
+        fd = stream.fileno()
+        if not os.isatty(fd):
+            return
+        import termios  # POSIX only; Windows consoles keep their type-ahead
+    except (AttributeError, OSError, ValueError, ImportError):
+        return
+    with contextlib.suppress(OSError):
+        termios.tcflush(fd, termios.TCIFLUSH)
 
 
 def _enter_takes_default(question: Any, shown: str) -> None:

@@ -27,6 +27,8 @@ class Session:
 
     last_choices: dict[str, Any] = field(default_factory=dict)
     last_flow: str = ""
+    last_output: Path | None = None  # the latest training output folder: Export's default source
+    last_export_dir: Path | None = None
 
 
 def checkpoint_root() -> Path:
@@ -76,12 +78,15 @@ def ask_preset(asker: Asker, answers: Answers, fields: Mapping[str, str] | Itera
 def ask_model(asker: Asker, answers: Answers, key: str = "model",
               question: str = "Which model? (the one you will train on; base is recommended)") -> Any:
     """Model selection from the checkpoint folder: official and fine-tunes labelled; returns a ModelChoice."""
-    from sidestep.models import discover_models
-    from sidestep.models.select import choose_model
-    from sidestep.models.variants import VARIANTS
+    from sidestep.display import output
 
-    root = checkpoint_root()
-    entries = discover_models(root)
+    with output.status("Looking for models…"):  # the first call imports torch: seconds on a busy machine
+        from sidestep.models import discover_models
+        from sidestep.models.select import choose_model
+        from sidestep.models.variants import VARIANTS
+
+        root = checkpoint_root()
+        entries = discover_models(root)
     if not entries:
         from sidestep.errors import CheckpointError
 
@@ -121,20 +126,58 @@ def ask_dataset(asker: Asker, answers: Answers, model_key: str = "model", key: s
     choice = answers.get(model_key)
     entry = choice.entry if choice is not None else None
     scans: dict[Path, Any] = {}
+    songs: dict[Path, int] = {}
 
     def check(folder: Path) -> str | None:
         try:
             scans[folder] = scan_for(folder, entry)
         except SidestepError as err:
-            return str(err)
+            songs[folder] = _audio_count(folder)
+            return None if songs[folder] else str(err)  # songs, not tensors: offered below
         return None
 
-    folder = asker.folder("Dataset folder (the preprocessed .pt files)", default=answers.get(key), validate=check)
+    while True:
+        folder = asker.folder("Dataset folder (the preprocessed .pt files)", default=answers.get(key), validate=check)
+        if folder in scans:
+            break
+        made = _offer_preprocess(asker, folder, songs[folder], choice)
+        if made is not None:
+            folder = made
+            break
     scan = scans.get(folder) or scan_for(folder, entry)
     answers["scan"] = scan
     minutes = scan.total_frames / FRAMES_PER_SECOND / 60
     asker.say(f"[green]✓[/] {len(scan.files)} samples, {minutes:.1f} min of audio in {folder}")
     return folder
+
+
+def _audio_count(folder: Path) -> int:
+    from sidestep.data.audio import find_audio_files
+
+    try:
+        return len(find_audio_files(folder))
+    except (OSError, SidestepError):
+        return 0
+
+
+def _offer_preprocess(asker: Asker, folder: Path, count: int, choice: Any) -> Path | None:
+    """A folder of songs where tensors were asked for: offer to preprocess it; the new dataset, or None."""
+    from sidestep.wizard.asker import Back
+
+    if not asker.confirm(f"{folder} holds {count} audio files, not preprocessed .pt files. Preprocess them now?",
+                         default=True):
+        return None
+    from sidestep.models.select import choose_model
+    from sidestep.wizard.preprocess_flow import preprocess_songs
+
+    model = choice if choice is not None else choose_model(None, None, base_variant="base")
+    try:
+        summary = preprocess_songs(asker, {"model": model, "audio_dir": folder})
+    except Back:
+        return None
+    if summary is None or not (summary.done or summary.skipped):
+        return None
+    return Path(summary.output_dir)
 
 
 def seconds_text(seconds: float) -> str:

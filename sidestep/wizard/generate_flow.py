@@ -103,6 +103,7 @@ def _run(asker: Asker, config: Any, answers: Answers) -> Any:
 
     runtime = choose_runtime(None, None, False)
     asker.say(f"[dim]Runtime: {runtime.reason}[/]")
+    asker.say("[dim]Loading the model, the VAE and the text encoder…[/]")
     outcome = generate(config, answers["model"], runtime,
                        lambda event: asker.say(f"Rendering {event.name} ({event.label})"))
     for clip in outcome.clips:

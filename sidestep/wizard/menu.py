@@ -22,6 +22,7 @@ MENU = [
     Option("Preprocessing++ (auto-targeting + adaptive ranks)", "analysis",
            "measure which modules react to your data; writes fisher_map.json"),
     Option("Train", "train", "train a LoRA adapter (uses fisher_map.json when present)"),
+    Option("Export", "export", "a trained adapter for ComfyUI, diffusers or peft"),
     Option("Generate", "generate", "render audio from a prompt, with the base model or a trained adapter"),
     Option("Settings", "settings", "checkpoint folder, default model, device"),
     Option("Presets", "presets", "show, save or delete named defaults"),
@@ -40,7 +41,7 @@ def run_wizard(asker: Asker | None = None) -> None:
             raise ConfigError(NOT_A_TERMINAL)
         asker = QuestionaryAsker()
     session = Session()
-    if not settings.load_settings().first_run_done:
+    if not _setup_done():
         _first_run(asker)
     action = "analysis"
     while True:
@@ -52,6 +53,14 @@ def run_wizard(asker: Asker | None = None) -> None:
             break
         _run_action(asker, action, session)
     asker.say("Bye.")
+
+
+def _setup_done() -> bool:
+    """Done once a checkpoint folder is set anywhere: the wizard's setup, `settings set`, or the environment."""
+    if settings.load_settings().first_run_done:
+        return True
+    folder = settings.resolve("checkpoint_dir").value
+    return folder is not None and folder.is_dir()
 
 
 def _first_run(asker: Asker) -> None:
@@ -69,6 +78,7 @@ _FLOWS = {
     "preprocess": ("sidestep.wizard.preprocess_flow", "preprocess_flow"),
     "analysis": ("sidestep.wizard.analysis_flow", "analysis_flow"),
     "train": ("sidestep.wizard.train_flow", "train_flow"),
+    "export": ("sidestep.wizard.export_flow", "export_flow"),
     "generate": ("sidestep.wizard.generate_flow", "generate_flow"),
     "settings": ("sidestep.wizard.settings_flow", "settings_flow"),
     "presets": ("sidestep.wizard.presets_flow", "presets_flow"),

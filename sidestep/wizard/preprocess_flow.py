@@ -11,7 +11,7 @@ from sidestep.wizard.common import Answers, Session
 from sidestep.wizard.fields import config_problem
 from sidestep.wizard.steps import Step, run_steps
 
-__all__ = ["preprocess_flow", "build_preprocess_config"]
+__all__ = ["preprocess_flow", "preprocess_songs", "build_preprocess_config"]
 
 
 def preprocess_flow(asker: Asker, session: Session) -> None:
@@ -19,17 +19,23 @@ def preprocess_flow(asker: Asker, session: Session) -> None:
     from sidestep.models.select import choose_model
 
     # Like `sidestep preprocess`: the model (for its condition encoder) comes from the settings.
-    answers: dict[str, Any] = {"model": choose_model(None, None, base_variant="base")}
-    run_steps(asker, _steps(), answers)
-    if not answers["go"]:
-        asker.say("Nothing was written; back to the main menu.")
-        return
-    summary = _run(asker, build_preprocess_config(answers))
+    summary = preprocess_songs(asker, {"model": choose_model(None, None, base_variant="base")})
     if summary is not None and (summary.done or summary.skipped):
         if asker.confirm("Run Preprocessing++ on this dataset now?", default=True):
             from sidestep.wizard.analysis_flow import analysis_flow
 
             analysis_flow(asker, session, start={"dataset_dir": summary.output_dir})
+
+
+def preprocess_songs(asker: Asker, start: Answers) -> Any:
+    """The preprocess questions (those `start` answers are skipped) and the run; the summary, or None."""
+    answers: dict[str, Any] = dict(start)
+    given = set(answers)
+    run_steps(asker, [s for s in _steps() if s.key not in given], answers)
+    if not answers["go"]:
+        asker.say("Nothing was written.")
+        return None
+    return _run(asker, build_preprocess_config(answers))
 
 
 def _steps() -> list[Step]:

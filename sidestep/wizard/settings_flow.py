@@ -51,7 +51,8 @@ def settings_flow(asker: Asker, _session: Any = None) -> None:
             value = ask(asker, answers)
         except Back:
             continue
-        updated = replace(current, **{key: value})
+        changes = {key: value, "first_run_done": True} if key == "checkpoint_dir" and value else {key: value}
+        updated = replace(current, **changes)
         settings.save_settings(updated)
         asker.say(f"[green]{key} = {_shown(value, key)} saved.[/]")
 
@@ -60,14 +61,13 @@ def settings_flow(asker: Asker, _session: Any = None) -> None:
 
 def _ask_checkpoint_dir(asker: Asker, answers: Answers) -> Path:
     from sidestep.models import discover_models
+    from sidestep.models.discovery import require_models
 
     def check(folder: Path) -> str | None:
         try:
-            found = discover_models(folder)
+            require_models(folder)  # the same rule as `sidestep settings set checkpoint_dir`
         except SidestepError as err:
             return str(err)
-        if not found:
-            return f"No ACE-Step model folder (e.g. acestep-v15-base/) found in {folder}."
         return None
 
     folder = asker.folder("Checkpoint folder (holds acestep-v15-base/, acestep-v15-turbo/, ...)",

@@ -42,6 +42,8 @@ _BOUNDS: Mapping[str, dict[str, Any]] = {"rank": {"lo": 1, "hi": 4096}, "epochs"
 def train_flow(asker: Asker, session: Session, start: Mapping[str, Any] | None = None) -> None:
     """Ask, confirm, train. `start` pre-fills answers (Preprocessing++ hands over its model and dataset)."""
     answers: dict[str, Any] = dict(start or {})
+    if "carried_preset" in answers:  # handed over by Preprocessing++: its preset and model are not asked again
+        _apply_carried_preset(asker, answers)
     run_steps(asker, _steps(), answers)
     if not answers["go"]:
         asker.say("Nothing was started; back to the main menu.")
@@ -50,14 +52,30 @@ def train_flow(asker: Asker, session: Session, start: Mapping[str, Any] | None =
     session.last_choices = _preset_values(config, answers)
     session.last_flow = "Train"
     _run(asker, config, answers)
+    session.last_output = config.output_dir
     offer_save_preset(asker, session.last_choices)
+    if asker.confirm("Export the adapter for ComfyUI, diffusers or peft now?", default=True):
+        from sidestep.wizard.export_flow import export_flow
+
+        export_flow(asker, session, start={"src": config.output_dir})
+
+
+def _apply_carried_preset(asker: Asker, answers: Answers) -> None:
+    from sidestep.wizard.presets import load_preset, overlapping
+
+    name = answers["carried_preset"]
+    answers["preset"] = name
+    answers["preset_values"] = overlapping(load_preset(name), _PRESET_TRAIN_FIELDS) if name else {}
+    model = answers["model"].entry.label
+    asker.say(f"[dim]From Preprocessing++: model {model}"
+              + (f", preset {name}" if name else "") + " (start Train from the menu to change them).[/]")
 
 
 def _steps() -> list[Step]:
     steps = [
-        Step("preset", lambda a, ans: ask_preset(a, ans, _PRESET_TRAIN_FIELDS)),
+        Step("preset", lambda a, ans: ask_preset(a, ans, _PRESET_TRAIN_FIELDS), when=_not_carried),
         Step("mode", _ask_mode),
-        Step("model", ask_model),
+        Step("model", ask_model, when=_not_carried),
         Step("dataset_dir", ask_dataset),
         Step("use_map", _ask_use_map, when=lambda ans: _map_path(ans).is_file()),
         Step("output_dir", _ask_output_dir),
@@ -71,6 +89,10 @@ def _steps() -> list[Step]:
     steps.append(Step("gradient_checkpointing", _ask_gc, when=lambda ans: ans.get("mode") == "advanced"))
     steps.append(Step("go", _confirm))
     return steps
+
+
+def _not_carried(answers: Answers) -> bool:
+    return "carried_preset" not in answers
 
 
 def _asked_when(name: str):
@@ -285,7 +307,7 @@ def _run(asker: Asker, config: TrainConfig, answers: Answers) -> Any:
     from sidestep.training.run import train
 
     runtime = choose_runtime(None, None, _gradient_checkpointing(answers))
-    asker.say(f"[dim]Runtime: {runtime.reason}[/]")
+    asker.say(f"[dim]Runtime: {runtime.reason}. Loading the model…[/]")
     with TrainDisplay(config.output_dir) as display:
         outcome = train(config, answers["model"], runtime, display.on_event)
     ema = "n/a" if outcome.loss_ema is None else f"{outcome.loss_ema:.4f}"
