@@ -54,6 +54,17 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert ("The need is spread evenly" in err) or ("The need is concentrated" in err)
 
 
+def test_probe_signal_runs_the_probe_with_the_given_steps_and_lr(monkeypatch, capsys, checkpoint_root, dataset_dir):
+    code, out, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes", "--json", "--rank-signal",
+                              "probe", "--probe-steps", "3", "--probe-lr", "0.02", "--budget", "flat")
+    assert code == 0, err
+    data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
+    assert data["rank_signal"] == "probe"
+    assert (data["probe"]["steps"], data["probe"]["lr"]) == (3, 0.02)
+    scores = {n: v["score"] for n, v in data["probe"]["per_module"].items()}
+    assert max(scores, key=scores.get) in data["rank_pattern"]
+
+
 def test_need_signal_water_fills_the_flat_budget(monkeypatch, capsys, checkpoint_root, dataset_dir):
     code, out, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes", "--json",
                               "--rank-signal", "need", "--budget", "flat")
@@ -131,6 +142,7 @@ BAD = [
     ("budget", ["--budget", "wide"], "--budget"),
     ("signal", ["--rank-signal", "magic"], "--rank-signal"),
     ("alpha", ["--alpha-ratio", "0"], "--alpha-ratio"),
+    ("probe lr", ["--probe-lr", "5"], "--probe-lr"),
     ("seed", ["--seed", "-1"], "--seed"),
     ("no tty", ["--no-yes"], "--yes"),
     ("output folder", ["--output", "{tmp}/missing/fisher_map.json"], "does not exist"),

@@ -29,6 +29,8 @@ from sidestep.cli.options import (
     RankMaxOpt,
     RankMinOpt,
     RankOpt,
+    ProbeLrOpt,
+    ProbeStepsOpt,
     RankSignalOpt,
     RunsOpt,
     SeedOpt,
@@ -64,6 +66,8 @@ def analyze(
     budget: BudgetOpt = "median",
     alpha_ratio: AlphaRatioOpt = 2.0,
     rank_signal: RankSignalOpt = "data",
+    probe_steps: ProbeStepsOpt = 40,
+    probe_lr: ProbeLrOpt = 1e-3,
     allow_turbo: AllowTurboOpt = False,
     gradient_checkpointing: GradientCheckpointingOpt = None,
     skip_bad: SkipBadOpt = False,
@@ -84,6 +88,7 @@ def analyze(
         rank_min=rank_min, rank_max=rank_max, budget=budget, alpha_ratio=alpha_ratio, rank_signal=rank_signal,
         runs=runs, batches_per_run=batches_per_run, convergence_patience=convergence_patience, seed=seed,
         weight_rank=weight_rank, allow_turbo=allow_turbo, skip_bad=skip_bad, write_init=not no_init,
+        probe_steps=probe_steps, probe_lr=probe_lr,
     )
     sample_files(config.dataset_dir)  # a missing or empty folder is the first thing to hear about
     check_output(config.output_path)  # and a map that could not be written, before any model loads

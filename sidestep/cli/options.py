@@ -103,10 +103,16 @@ AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha 
                                               rich_help_panel=ADVANCED)]
 RankSignalOpt = Annotated[
     str, typer.Option("--rank-signal", help="What sizes each module's rank: data (gradient sketch rank), fisher "
-                                            "(score only), weight (reference's weight SVD), grad-energy, or need "
-                                            "(noise-free mean gradient; water-filling under --budget flat).",
+                                            "(score only), weight (reference's weight SVD), grad-energy, need "
+                                            "(noise-free mean gradient; water-filling under --budget flat), or probe "
+                                            "(a short LoRA probe ablated per module; the only one that wins on the "
+                                            "planted benchmark; costs extra time).",
                                             rich_help_panel=ADVANCED)
 ]
+ProbeStepsOpt = Annotated[int, typer.Option("--probe-steps", help="--rank-signal probe: training steps of the probe.",
+                                             rich_help_panel=ADVANCED)]
+ProbeLrOpt = Annotated[float, typer.Option("--probe-lr", help="--rank-signal probe: the probe's learning rate (use about "
+                                           "the one you will train at, or higher).", rich_help_panel=ADVANCED)]
 AllowTurboOpt = Annotated[
     bool, typer.Option("--allow-turbo", help="Analyse a turbo model anyway (Preprocessing++ can destabilise turbo training).",
                        rich_help_panel=ADVANCED)
