@@ -3,9 +3,9 @@
 The control: the analysis on samples the planted base draws itself must find a less concentrated need than on
 the planted task, the same data analysed with two seeds must agree, and two different plants must give
 different need maps. Only the second holds today. The need is still dominated by the model's own sensitivity
-(bench/README.md "Planted"): two plants agree at Spearman ~0.94 (a strict xfail, so the day it passes the marker
-must go), and the own-samples contrast is on the edge (it holds here with 16 samples and fails with 24, and in
-the full benchmark), so it is a non-strict xfail that records the target.
+(bench/README.md "Planted"): two plants agree at Spearman 0.80–0.93 in the full benchmark (a strict xfail, so the
+day it passes the marker must go), and the own-samples contrast is on the edge, so it is a non-strict xfail that
+records the target.
 """
 
 from __future__ import annotations
