@@ -26,11 +26,22 @@ from sidestep.seeding import mix_seed
 from sidestep.training.config import OptimizerKind, SchedulerKind, TrainConfig
 from sidestep.training.events import OnEvent, Progress
 
-__all__ = ["LoopState", "LoopCallback", "LoopContext", "Optimization", "SampleOrder", "train_loop", "build_optimization",
+__all__ = ["LoopState", "StepStats", "LoopCallback", "LoopContext", "Optimization", "SampleOrder", "train_loop", "build_optimization",
            "lr_factor", "check_loss", "capture_rng", "restore_rng", "EMA_BETA"]
 
 EMA_BETA = 0.9
 _MIN_GUARD_STEPS = 10  # the loss EMA needs some history before a spike means anything
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last optimizer step measured (for metrics.csv): its loss, the gradient norm before clipping,
+    the learning rate it applied, and its wall time in seconds."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
 
 
 @dataclass
@@ -41,15 +52,21 @@ class LoopState:
     loss_ema: float | None = None
     rng: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
+    stats: StepStats | None = None  # of step `step` in this process; None before the first step of a run
 
 
 class LoopCallback(Protocol):
-    """Work the loop hands off at step boundaries (samples, later metrics/validation). A callback must leave the
-    training state as it found it: the model's mode, the global RNG, the gradients."""
+    """Work the loop hands off at step boundaries (checkpoints, metrics, validation, samples). A callback must leave
+    the training state as it found it: the model's mode, the global RNG, the gradients.
+
+    `on_train_end` runs when the last step is done, and on Ctrl-C before the resumable checkpoint is written
+    (so a step whose `on_step_end` was cut short is still recorded)."""
 
     def on_train_start(self, state: LoopState) -> None: ...
 
     def on_step_end(self, state: LoopState) -> None: ...
+
+    def on_train_end(self, state: LoopState) -> None: ...
 
 
 @dataclass
@@ -77,6 +94,10 @@ class SampleOrder:
         self.micro_per_epoch = math.ceil(per_rank / batch_size)
         self._cache: dict[int, Sample] | None = {} if cache else None
         self._perm: tuple[int, list[int]] | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
 
     def positions(self, micro: int) -> tuple[int, list[int]]:
         """(epoch, positions in that epoch's order) of the samples of this rank's micro-batch `micro`."""
@@ -155,6 +176,7 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
         for callback in ctx.callbacks:
             callback.on_train_start(state)
         while state.step < ctx.total_steps:
+            step_started = time.perf_counter()
             # ---- forward/backward over grad_accum micro-batches; each sample's randomness from its position
             step_loss = 0.0
             for k in range(cfg.grad_accum):
@@ -197,29 +219,30 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
             # ---- optimizer, lr schedule and the step counter: one section a Ctrl-C/SIGTERM cannot split, so a
             # checkpoint's weights and step always agree (a resumed run never applies a step twice)
             with deferred():
+                lr = opt.scheduler.get_last_lr()[0]  # the rate this step applies
                 opt.scaler.step(opt.optimizer)
                 opt.scaler.update()
                 opt.scheduler.step()
                 opt.optimizer.zero_grad(set_to_none=True)
                 ema = step_loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * step_loss
-                state = replace(state, step=state.step + 1, loss_ema=ema, rng=capture_rng())
-
-            # ---- checkpoint every save_every epochs (the final adapter is written by the caller)
-            done_before = ((state.step - 1) * cfg.grad_accum) // ctx.order.micro_per_epoch
-            done = (state.step * cfg.grad_accum) // ctx.order.micro_per_epoch
-            if cfg.save_every and done > done_before and done % cfg.save_every == 0 and state.step < ctx.total_steps:
-                state.last_checkpoint = ctx.checkpoint(state)
+                stats = StepStats(step_loss, grad_norm, lr, time.perf_counter() - step_started)
+                state = replace(state, step=state.step + 1, loss_ema=ema, rng=capture_rng(), stats=stats)
 
             # ---- progress (a KeyboardInterrupt raised here is handled like Ctrl-C)
             rate = (state.step - start_step) / max(time.perf_counter() - started, 1e-9)
             ctx.on_event(Progress(state.step, ctx.total_steps, state.step * cfg.grad_accum / ctx.order.micro_per_epoch,
                                   step_loss, ema, opt.scheduler.get_last_lr()[0], rate))
+            # ---- checkpoints, metrics, validation, samples (training/records.py, training/sampling.py)
             for callback in ctx.callbacks:
                 callback.on_step_end(state)
+        for callback in ctx.callbacks:
+            callback.on_train_end(state)
     except KeyboardInterrupt:
-        # ---- Ctrl-C: drop the half-accumulated step, save a resumable checkpoint, stop
+        # ---- Ctrl-C: drop the half-accumulated step, record the steps done, save a resumable checkpoint, stop
         opt.optimizer.zero_grad(set_to_none=True)
         with deferred(reraise=False):  # a second Ctrl-C while saving is ignored: the checkpoint completes
+            for callback in ctx.callbacks:
+                callback.on_train_end(state)
             path = ctx.checkpoint(state)
         raise Interrupted(f"Interrupted at step {state.step}; a resumable checkpoint is in {path} "
                           f"(continue with --resume latest).") from None
