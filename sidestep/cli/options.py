@@ -112,12 +112,20 @@ TargetModulesOpt = Annotated[
                                                "(q_proj, cross_attn.k_proj, layers.3.mlp.up_proj).")
 ]
 AdapterKindOpt = Annotated[str, typer.Option("--adapter", help="Adapter type: lora, dora, lokr or loha (via peft).")]
-LrOpt = Annotated[float, typer.Option("--lr", help=f"Peak learning rate (with a Preprocessing++ map try {ADVISED_LR}).")]
+LrOpt = Annotated[
+    float | None,
+    typer.Option("--lr", help=f"Peak learning rate (default: 1e-4; {ADVISED_LR} with a Preprocessing++ map; 1.0 for "
+                              "prodigy).", show_default=False),
+]
 OptimizerOpt = Annotated[
     str, typer.Option("--optimizer", help="adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; --lr 1.0).")
 ]
 SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="Learning-rate schedule after warmup: cosine, constant or linear.")]
-WarmupStepsOpt = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup, in optimizer steps.")]
+WarmupStepsOpt = Annotated[
+    int | None,
+    typer.Option("--warmup-steps", help="Linear warmup, in optimizer steps (default: 5% of the run, at most 100).",
+                 show_default=False),
+]
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the dataset (--max-steps, when given, wins).")]
 MaxStepsOpt = Annotated[
     int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps.", show_default=False)
@@ -170,4 +178,46 @@ SampleStepsOpt = Annotated[
     int | None,
     typer.Option("--sample-steps", help="Sampling steps per sample (default: 8 for turbo, 50 for base/sft).",
                  show_default=False),
+]
+
+# ---- records, validation, checkpoints and recipes (`sidestep train`; --config/--preset also `sidestep analyze`)
+_VC = "Validation & checkpoints"
+SaveEveryStepsOpt = Annotated[
+    int, typer.Option("--save-every-steps", help="Also save a resumable checkpoint every N optimizer steps; 0 = off.",
+                      rich_help_panel=_VC)
+]
+KeepLastOpt = Annotated[
+    int, typer.Option("--keep-last", help="Keep only the newest K checkpoints/step-N (older ones are removed once a "
+                                          "newer one is complete); 0 = keep all.", rich_help_panel=_VC)
+]
+ValSplitOpt = Annotated[
+    float, typer.Option("--val-split", help="Hold out this share of the dataset's files (seeded) to measure a "
+                                            "validation loss; best/ keeps the adapter where it was lowest.",
+                        rich_help_panel=_VC)
+]
+ValDirOpt = Annotated[
+    Path | None,
+    typer.Option("--val-dir", help="A folder of preprocessed files to validate on (instead of --val-split).",
+                 show_default=False, rich_help_panel=_VC),
+]
+ValEveryOpt = Annotated[
+    int | None,
+    typer.Option("--val-every", help="Measure the validation loss every N steps (default: once per epoch, and at "
+                                     "the end).", show_default=False, rich_help_panel=_VC),
+]
+ReportToOpt = Annotated[
+    str, typer.Option("--report-to", help="Also log metrics to none, tensorboard or wandb (optional extras: pip install "
+                                          "tensorboard, or wandb); metrics.csv is always written.",
+                      rich_help_panel="Advanced")
+]
+ConfigFileOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="Read options from a TOML or JSON file (a previous run's run.json works too); "
+                                  "flags on the command line win.", show_default=False, rich_help_panel="Common"),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="Start from a preset (recommended, quick-test, high-quality, low-vram-8gb, ..., or "
+                                  "your own from the wizard); --config and flags win.", show_default=False,
+                 rich_help_panel="Common"),
 ]

@@ -90,13 +90,14 @@ def open_reporter(kind: ReportTo, output_dir: Path, record: dict[str, Any]) -> t
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            return None, (f'--report-to tensorboard: TensorBoard is not installed (pip install "sidestep[tensorboard]"); '
-                          f"{fallback}.")
+            return None, (f"--report-to tensorboard: TensorBoard is not installed (pip install tensorboard, the "
+                          f"sidestep extra of that name); {fallback}.")
         return TensorBoardReporter(SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_DIR))), None
     try:
         import wandb
     except ImportError:
-        return None, f'--report-to wandb: Weights & Biases is not installed (pip install "sidestep[wandb]"); {fallback}.'
+        return None, (f"--report-to wandb: Weights & Biases is not installed (pip install wandb, the sidestep extra "
+                      f"of that name); {fallback}.")
     try:
         run = wandb.init(project="sidestep", name=Path(output_dir).name, dir=str(output_dir), config=record)
     except Exception as err:  # noqa: BLE001 - no login, no network: a dashboard must never stop the run

@@ -120,7 +120,8 @@ def _train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event:
         if dist.is_main:
             with deferred():  # a checkpoint being written completes before a Ctrl-C/SIGTERM is acted on
                 try:
-                    saving.save_adapter_dir(path, plan, loaded.transformer, _state_payload(st, epoch, opt, config, plan))
+                    saving.save_adapter_dir(path, plan, loaded.transformer,
+                                            _state_payload(st, epoch, opt, config, plan, resumable=not final))
                 except saving.SaveFailed as err:
                     if final:
                         raise
@@ -244,7 +245,10 @@ def _tap_samples(on_event: OnEvent, reporter: Reporter | None) -> OnEvent:
 
 
 def _save_final(config: TrainConfig, state: LoopState, checkpoint: Callable[..., Path]) -> Path:
-    """All or nothing: the new final/ appears whole, or the previous one is back and the last checkpoint is named."""
+    """The last step's resumable state goes to checkpoints/step-N, then the adapter alone (no optimizer state) to
+    final/, all or nothing: the new final/ appears whole, or the previous one is back and the last checkpoint is
+    named."""
+    state.last_checkpoint = checkpoint(state)  # a failure here leaves final/ untouched and names the last one kept
     backup = saving.backup_final(config.output_dir)  # a resumed run that extends a finished one keeps the old as final.bak
     try:
         return checkpoint(state, final=True)
@@ -317,8 +321,6 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent,
     resolved = resolve_auto(config, total, math.ceil(order.micro_per_epoch / config.grad_accum), plan.adaptive,
                             variant.is_turbo, ADVISED_LR)
     config = resolved.config
-    for message in resolved.notices:
-        on_event(Notice(message, "info"))
     if resumed is not None and int(resumed["step"]) >= total:
         raise ConfigError(f"--resume {resume_dir} already has {resumed['step']} of {total} steps; raise "
                           f"--epochs or --max-steps to train further.")
@@ -334,6 +336,8 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent,
         on_event(Notice(init.notice, init.level))
     continuing = resume_dir is not None and Path(config.output_dir).resolve() in resume_dir.resolve().parents
     distributed.run_on_main(lambda: saving.prepare_output(config.output_dir, continuing, config.overwrite))
+    for message in resolved.notices:  # said once every check passed, so a refused run stays one sentence
+        on_event(Notice(message, "info"))
     return _Preflight(config, plan, resume_dir, resumed, resume_tensors, order, total, init, samples, val_files)
 
 
@@ -372,10 +376,15 @@ def _restore(resumed: dict[str, Any], opt: Optimization, resume_dir: Path) -> Lo
 
 
 def _state_payload(st: LoopState, epoch: float, opt: Optimization, config: TrainConfig,
-                   plan: AdapterPlan) -> dict[str, Any]:
-    return {"step": st.step, "epoch": epoch, "loss_ema": st.loss_ema, "rng": st.rng, "optimizer": opt.optimizer.state_dict(),
-            "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
-            "config": config.to_json(), "plan": plan.to_json(), "effective_batch": effective_batch(config)}
+                   plan: AdapterPlan, resumable: bool = True) -> dict[str, Any]:
+    """training_state.pt; final/ gets it without the optimizer, scheduler and RNG (`resumable` False): the
+    resumable copy of the last step is checkpoints/step-N."""
+    state = {"step": st.step, "epoch": epoch, "loss_ema": st.loss_ema, "config": config.to_json(), "plan": plan.to_json(),
+             "effective_batch": effective_batch(config), "resumable": resumable}
+    if resumable:
+        state |= {"rng": st.rng, "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+                  "scaler": opt.scaler.state_dict()}
+    return state
 
 
 def _advice(plan: AdapterPlan, is_turbo: bool) -> str:

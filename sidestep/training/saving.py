@@ -219,16 +219,30 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume).expanduser()
         if (path / STATE_FILE).is_file():
-            return path
+            return path if _resumable(path) else _checkpoint_of_final(path, resume)
         raise CheckpointError(f"--resume {resume}: {path / STATE_FILE} not found; give a checkpoint folder "
                               f"(OUTPUT/checkpoints/step-N) or 'latest'.")
     candidates = [p for p in (Path(output_dir) / "checkpoints").glob("step-*") if _STEP_DIR.fullmatch(p.name)]
     candidates = [p for p in candidates if (p / STATE_FILE).is_file()]
-    if (final_dir(output_dir) / STATE_FILE).is_file():
+    if (final_dir(output_dir) / STATE_FILE).is_file() and _resumable(final_dir(output_dir)):  # written before 0.2
         candidates.append(final_dir(output_dir))
     if not candidates:
         raise CheckpointError(f"--resume latest: no checkpoint with {STATE_FILE} under {output_dir}.")
     return max(candidates, key=lambda p: (_saved_step(p), p.name == "final"))
+
+
+def _resumable(path: Path) -> bool:
+    """final/ holds the adapter without optimizer state; its resumable twin is checkpoints/step-N."""
+    return load_training_state(path, mmap=True).get("resumable", True) is not False
+
+
+def _checkpoint_of_final(path: Path, resume: str) -> Path:
+    step = int(load_training_state(path, mmap=True)["step"])
+    twin = checkpoint_dir(path.parent, step)
+    if (twin / STATE_FILE).is_file():
+        return twin
+    raise CheckpointError(f"--resume {resume}: this adapter was saved without its optimizer state; resume from "
+                          f"{twin} (or 'latest').")
 
 
 def load_training_state(path: Path, mmap: bool = False) -> dict[str, Any]:
