@@ -246,3 +246,44 @@ def test_metrics_csv_survives_a_torn_last_line(tmp_path):
     assert [r.step for r in read_metrics(path)] == [1]
     with open(path, newline="") as fh:
         assert next(csv.reader(fh))[0] == "step"
+
+
+def test_every_train_option_has_help_and_one_of_the_agreed_panels():
+    from dataclasses import fields
+
+    from sidestep.training.config import PANELS
+
+    for f in fields(TrainConfig):
+        assert f.metadata.get("help") and f.metadata.get("panel") in PANELS, f.name
+
+
+def test_tensorboard_reporter_logs_each_row_and_a_missing_extra_is_one_notice(tmp_path, monkeypatch):
+    from sidestep.training.config import ReportTo
+    from sidestep.training.records import MetricsRow
+    from sidestep.training.report import TensorBoardReporter, open_reporter
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+    reporter = TensorBoardReporter(Writer())
+    reporter.log(MetricsRow(3, 0.75, 1.0, 1.1, 1e-4, 0.5, 2.0, 0.9))
+    assert ("val/loss", 3) in reporter.writer.scalars and ("train/grad_norm", 3) in reporter.writer.scalars
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb -> ImportError
+    assert open_reporter(ReportTo.NONE, tmp_path, {}) == (None, None)
+    none, why = open_reporter(ReportTo.WANDB, tmp_path, {})
+    assert none is None and "Weights & Biases is not installed" in why and "metrics.csv" in why
+
+
+def test_analyze_reads_a_recipe_too(monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "analyze.json"
+    recipe.write_text(json.dumps({"dataset-dir": str(tmp_path / "nowhere"), "runs": 1}), encoding="utf-8")
+    code, _, err = run_cli(monkeypatch, capsys, "analyze", "--config", str(recipe))
+    assert code == 1 and str(tmp_path / "nowhere") in err  # the file's folder was used
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    recipe.write_text(json.dumps({"epochs": 3}), encoding="utf-8")  # a train option: not one of analyze's
+    code, _, err = run_cli(monkeypatch, capsys, "analyze", "--config", str(recipe))
+    assert code == 1 and "unknown option 'epochs'" in err and len(err.strip().splitlines()) == 1

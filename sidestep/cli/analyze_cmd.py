@@ -86,9 +86,9 @@ def analyze(
     from sidestep.data.dataset import sample_files
     from sidestep.models.select import choose_model, choose_runtime
 
+    recipe = None
     if config_file is not None or preset is not None:  # a recipe fills what the command line left at its default
         recipe = apply_recipe(ctx, config_file, preset)
-        recipe.show()
         v = recipe.values
         (dataset_dir, timestep_focus, rank, rank_min, rank_max, convergence_patience, checkpoint_dir, model,
          base_variant, yes, seed, runs, batches_per_run, device, precision, output_path, budget, alpha_ratio,
@@ -112,6 +112,8 @@ def analyze(
         raise ConfigError("Cannot ask whether to save fisher_map.json because stdin is not a terminal; pass --yes.")
     choice = choose_model(checkpoint_dir, model, base_variant)
     runtime = choose_runtime(device, precision, gradient_checkpointing)
+    if recipe is not None:
+        recipe.show()
     output.info(f"Model {choice.entry.label}; {runtime.reason}.")
     bar = _ProgressBar()
     try:

@@ -21,7 +21,7 @@ __all__ = ["Recipe", "apply_recipe", "read_recipe_file"]
 
 _PATHS = frozenset({"dataset_dir", "output_dir", "checkpoint_dir", "val_dir", "sample_prompts", "output_path"})
 _NOT_A_RECIPE = frozenset({"resume", "overwrite"})  # in run.json: the state of that folder, not how to train
-_META = frozenset({"config", "preset", "json"})  # options that choose the recipe or the output format
+_META = frozenset({"config_file", "preset", "json"})  # options that choose the recipe or the output format
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,16 @@ class Recipe:
     sources: dict[str, str]  # option -> "the command line" | file name | "preset NAME"
     chosen: frozenset[str]  # set on the command line, in the file (run.json: differing from the default) or preset
 
-    def show(self) -> None:
+    def lines(self) -> list[str]:
         """One line per source: which values came from the file, the preset and the command line."""
         by_source: dict[str, list[str]] = {}
         for name, source in sorted(self.sources.items()):
             by_source.setdefault(source, []).append(f"{name}={_shown(self.values[name])}")
-        for source, items in by_source.items():
-            output.info(f"From {source}: " + ", ".join(items))
+        return [f"From {source}: " + ", ".join(items) for source, items in by_source.items()]
+
+    def show(self) -> None:
+        for line in self.lines():
+            output.info(line)
 
 
 def read_recipe_file(path: Path, known: Iterable[str]) -> tuple[dict[str, Any], bool]:
@@ -83,7 +86,7 @@ def apply_recipe(ctx: Any, config_file: Path | None, preset: str | None, extra: 
     Context). `extra`: config fields without a flag that a file may still set (e.g. weight_decay)."""
     params = dict(ctx.params)
     known = (set(params) | set(extra)) - _META
-    typed = {name for name in params if _source(ctx, name) in _TYPED}
+    typed = {name for name in known & set(params) if _source(ctx, name) in _TYPED}
     layers: list[tuple[str, dict[str, Any], bool]] = []
     file_values: dict[str, Any] = {}
     from_run_json = False

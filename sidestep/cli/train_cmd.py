@@ -98,10 +98,10 @@ def train(
     config = TrainConfig(**{name: opts[name] for name in _CONFIG_FIELDS if name in opts})
     choice = choose_model(opts["checkpoint_dir"], opts["model"], opts["base_variant"])
     runtime = choose_runtime(opts["device"], opts["precision"], opts["gradient_checkpointing"])
-    if config_file is not None or preset is not None or "preset" in recipe.sources.values():
-        recipe.show()
+    # where the values came from, said once training starts (a refused run stays one sentence)
+    intro = recipe.lines() if config_file is not None or preset is not None else []
     explicit = frozenset(name for name in recipe.chosen if name in _CONFIG_FIELDS)
-    with TrainDisplay(config.output_dir) as display:
+    with TrainDisplay(config.output_dir, intro=intro) as display:
         outcome = run_training(config, choice, runtime, display.on_event, explicit)
     if json:
         output.emit_json(outcome.to_json())

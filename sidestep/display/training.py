@@ -24,7 +24,7 @@ _LINE_EVERY_S = 60.0
 class TrainDisplay:
     """The rich progress bar (or plain lines off a terminal) and messages for training events."""
 
-    def __init__(self, output_dir: Path, live: bool | None = None) -> None:
+    def __init__(self, output_dir: Path, live: bool | None = None, intro: list[str] | tuple[str, ...] = ()) -> None:
         self.output_dir = Path(output_dir)
         self.bar = Progress(
             TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
@@ -34,6 +34,7 @@ class TrainDisplay:
         )
         self.task: Any = None
         self.live = output.console.is_terminal if live is None else live
+        self.intro = tuple(intro)  # lines said when training starts (e.g. where a recipe's values came from)
         self._every, self._last_line = 1, 0.0
 
     def __enter__(self) -> "TrainDisplay":
@@ -68,6 +69,8 @@ class TrainDisplay:
         output.info(f"Samples at step {event.step}: {len(event.files)} in {folder} ({event.seconds:.1f} s)")
 
     def _started(self, event: Any) -> None:
+        for line in self.intro:
+            output.info(line)
         output.info(f"Model: {event.model}")
         output.info(f"Runtime: {event.runtime}")
         mode = "Adaptive Rank" if event.adaptive else "flat rank"

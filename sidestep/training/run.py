@@ -318,6 +318,10 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent,
     order = SampleOrder(train_files, spec, config.batch_size, config.seed, config.max_latent_length,
                         rank=dist.rank, world_size=dist.world_size, cache=cache)
     total = config.max_steps or math.ceil(config.epochs * order.micro_per_epoch / config.grad_accum)
+    if resumed is not None:  # "auto" values a resumed run left unset continue as the checkpoint resolved them
+        saved = resumed.get("config") or {}
+        keep = {k: saved[k] for k in ("lr", "warmup_steps") if getattr(config, k) is None and saved.get(k) is not None}
+        config = replace(config, **keep)
     resolved = resolve_auto(config, total, math.ceil(order.micro_per_epoch / config.grad_accum), plan.adaptive,
                             variant.is_turbo, ADVISED_LR)
     config = resolved.config
