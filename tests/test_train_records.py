@@ -287,3 +287,31 @@ def test_analyze_reads_a_recipe_too(monkeypatch, capsys, tmp_path):
     recipe.write_text(json.dumps({"epochs": 3}), encoding="utf-8")  # a train option: not one of analyze's
     code, _, err = run_cli(monkeypatch, capsys, "analyze", "--config", str(recipe))
     assert code == 1 and "unknown option 'epochs'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dataset_read_by_loader_workers_trains_like_one_kept_in_ram(tiny, tmp_path, monkeypatch):
+    from sidestep.training import run as run_module
+
+    choice, dataset = tiny
+    common = dict(max_latent_length=10, batch_size=2, grad_accum=2, epochs=2, max_steps=None, dropout=0.1)
+    train(_config(dataset, tmp_path / "ram", **common), choice, RUNTIME)
+    monkeypatch.setattr(run_module, "_CACHE_BYTES", 0)  # as if the dataset were larger than the RAM cache
+    seen = []
+    real_get = run_module.train_loop.__globals__["MicroBatchFeed"].get
+
+    def spying(self, micro):
+        seen.append(self._it is not None)
+        return real_get(self, micro)
+
+    monkeypatch.setattr(run_module.train_loop.__globals__["MicroBatchFeed"], "get", spying)
+
+    def ctrl_c_at_1(event):
+        if isinstance(event, Progress) and event.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):  # the workers are stopped, nothing hangs, the checkpoint resumes
+        train(_config(dataset, tmp_path / "workers", **common), choice, RUNTIME, ctrl_c_at_1)
+    train(_config(dataset, tmp_path / "workers", resume="latest", **common), choice, RUNTIME)
+    assert len(seen) == 4 and all(seen)  # every micro-batch came through the DataLoader
+    # crops, CFG dropout, timesteps and noise follow each sample's stream across the worker boundary: bit for bit
+    assert _same(_weights(tmp_path / "ram" / "final"), _weights(tmp_path / "workers" / "final"))
