@@ -138,19 +138,19 @@ def _overrides(config: TrainConfig, explicit: frozenset[str] | None) -> tuple[st
     return tuple(flag for name, flag in flags.items() if name in explicit)
 
 
-def clamp_ranks(plan: AdapterPlan, shapes: dict[str, ModuleShape]) -> AdapterPlan:
+def clamp_ranks(plan: AdapterPlan, shapes: dict[str, ModuleShape]) -> tuple[AdapterPlan, str | None]:
     """A flat rank above min(in, out) of a module buys nothing there: clamp it (alpha scaled alike, so the
-    strength alpha/rank stays) and say so."""
+    strength alpha/rank stays); returns the plan and the sentence saying so (None when nothing changed)."""
     caps = {n: min(shapes[n].in_features, shapes[n].out_features) for n in plan.ranks if n in shapes}
     over = sorted((n for n, cap in caps.items() if plan.ranks[n] > cap), key=module_sort_key)
     if not over:
-        return plan
+        return plan, None
     ranks = {n: min(r, caps.get(n, r)) for n, r in plan.ranks.items()}
     alphas = {n: a * ranks[n] / plan.ranks[n] for n, a in plan.alphas.items()}
     first = shapes[over[0]]
     notice = (f"--rank {plan.base_rank} is more than {len(over)} module(s) can hold (e.g. {over[0]} is "
               f"{first.in_features}x{first.out_features}); their ranks are clamped to min(in, out), alpha alike.")
-    return replace(plan, ranks=ranks, alphas=alphas, notices=plan.notices + (notice,))
+    return replace(plan, ranks=ranks, alphas=alphas), notice
 
 
 def map_warnings(fmap: FisherMap, source: Path, variant: str, is_turbo: bool, num_layers: int,

@@ -302,8 +302,9 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent,
     train_files, val_files = _split(config, scan.files, spec, on_event)
     variant = entry.defaults
     plan = plan_adapter(config, variant.name, variant.is_turbo, int(entry.config["num_hidden_layers"]), explicit)
+    clamped = None
     if not plan.adaptive:
-        plan = clamp_ranks(plan, module_shapes(build_transformer(entry.config, "meta").requires_grad_(False)))
+        plan, clamped = clamp_ranks(plan, module_shapes(build_transformer(entry.config, "meta").requires_grad_(False)))
     resume_dir = saving.resolve_resume(config.output_dir, config.resume) if config.resume else None
     resumed = saving.load_training_state(resume_dir) if resume_dir else None
     resume_tensors = saving.read_adapter_dir(resume_dir).tensors if resume_dir else {}
@@ -340,7 +341,9 @@ def _preflight(config: TrainConfig, choice: ModelChoice, on_event: OnEvent,
         on_event(Notice(init.notice, init.level))
     continuing = resume_dir is not None and Path(config.output_dir).resolve() in resume_dir.resolve().parents
     distributed.run_on_main(lambda: saving.prepare_output(config.output_dir, continuing, config.overwrite))
-    for message in resolved.notices:  # said once every check passed, so a refused run stays one sentence
+    if clamped is not None and resumed is None:  # said once every check passed, so a refused run stays one sentence
+        on_event(Notice(clamped))
+    for message in resolved.notices:
         on_event(Notice(message, "info"))
     return _Preflight(config, plan, resume_dir, resumed, resume_tensors, order, total, init, samples, val_files)
 
