@@ -54,6 +54,7 @@ def _run_json(out: Path) -> dict:
     return json.loads((out / "run.json").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_metrics_rows_are_the_steps_done_after_ctrl_c_and_after_resume(tiny, tmp_path):
     choice, dataset = tiny
     out = tmp_path / "out"
@@ -289,6 +290,7 @@ def test_analyze_reads_a_recipe_too(monkeypatch, capsys, tmp_path):
     assert code == 1 and "unknown option 'epochs'" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_dataset_read_by_loader_workers_trains_like_one_kept_in_ram(tiny, tmp_path, monkeypatch):
     from sidestep.training import run as run_module
 

@@ -106,7 +106,6 @@ def _train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event:
         if missing is not None:
             on_event(Notice(missing))
         record["report_to"] = config.report_to.value if reporter is not None else "none"
-        _write_record(config.output_dir, record | {"status": "running"}, on_event)
         on_event = _tap_samples(on_event, reporter)
     sampler = sampler_for_training(config.timestep_mode, loaded.variant)
     on_event(Started(entry.label, runtime.reason, len(order.files), math.ceil(order.micro_per_epoch / config.grad_accum),
@@ -163,6 +162,8 @@ def _train(config: TrainConfig, choice: ModelChoice, runtime: Runtime, on_event:
     ctx = LoopContext(loaded.transformer, order, opt, config, sampler, loaded.null_condition_emb, runtime, total,
                       checkpoint, _advice(plan, loaded.variant.is_turbo), on_event=on_event, sync=sync_for(dist),
                       callbacks=tuple(callbacks))
+    if dist.is_main:  # from here on every way out rewrites it with the outcome
+        _write_record(config.output_dir, record | {"status": "running"}, on_event)
     try:
         state = train_loop(ctx, state)
         final = distributed.run_on_main(lambda: _save_final(config, state, checkpoint))
