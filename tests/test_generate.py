@@ -354,10 +354,10 @@ def test_a_failed_sample_render_warns_and_training_goes_on(listen, tmp_path, mon
                         "on without samples."]
 
 
-def test_train_display_sends_samples_to_tensorboard_as_mono_audio(tmp_path):
-    from sidestep.display.training import TrainDisplay
+def test_tensorboard_reporter_sends_samples_as_mono_audio(tmp_path):
     from sidestep.generation import write_wav
     from sidestep.training.events import SamplesSaved
+    from sidestep.training.report import TensorBoardReporter
 
     class Writer:  # TensorBoard's SummaryWriter.add_audio signature; tensorboard itself is optional
         def __init__(self):
@@ -370,7 +370,6 @@ def test_train_display_sends_samples_to_tensorboard_as_mono_audio(tmp_path):
             pass
 
     wav = write_wav(tmp_path / "samples" / "step-3" / "probe.wav", np.zeros((2, 4800), dtype=np.float32), 48000)
-    with TrainDisplay(tmp_path) as display:
-        display.writer = Writer()
-        display.on_event(SamplesSaved(3, (wav,), 48000, 0.5))
-        assert display.writer.calls == [("samples/probe", (1, 4800), 3, 48000)]
+    reporter = TensorBoardReporter(Writer())
+    reporter.samples(SamplesSaved(3, (wav,), 48000, 0.5))
+    assert reporter.writer.calls == [("samples/probe", (1, 4800), 3, 48000)]

@@ -308,10 +308,11 @@ def test_resume_refuses_non_finite_weights(monkeypatch, capsys, tiny, trained, t
     choice, dataset = tiny
     out = tmp_path / "out"
     shutil.copytree(trained, out)
-    weights = load_file(str(out / "final" / saving.ADAPTER_WEIGHTS))
+    latest = out / "checkpoints" / "step-1"  # what --resume latest picks (final/ holds no optimizer state)
+    weights = load_file(str(latest / saving.ADAPTER_WEIGHTS))
     key = sorted(weights)[0]
     weights[key] = torch.full_like(weights[key], float("nan"))
-    save_file(weights, str(out / "final" / saving.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(weights, str(latest / saving.ADAPTER_WEIGHTS), metadata={"format": "pt"})
     before = _snapshot(tmp_path)
     code, _, err = _main(monkeypatch, capsys, "train", "--dataset-dir", str(dataset), "--output-dir", str(out),
                          "--checkpoint-dir", str(choice.checkpoint_dir), "--model", "base", *FAST,
@@ -387,10 +388,13 @@ def test_disk_full_during_the_final_save_loses_nothing(monkeypatch, capsys, tiny
                          "--checkpoint-dir", str(choice.checkpoint_dir), "--model", "base", *FAST,
                          "--resume", "latest", "--max-steps", "2")
     _ends_in_one_error(code, err)
-    assert "the disk is full" in err and "the previous final/ is restored" in err
-    assert f"the last checkpoint {out / 'final'} is kept" in err
-    assert _snapshot(out) == before  # final/ and run.json untouched, no final.bak or partial folder left
-    assert not [p for p in out.iterdir() if p.name.startswith(".final")]
+    # the last step's resumable checkpoint is written first: the full disk stops it, before final/ is touched
+    assert "the disk is full" in err and "training stopped at step 2" in err
+    assert f"the last checkpoint {out / 'checkpoints' / 'step-1'} is kept" in err
+    after = _snapshot(out)
+    # metrics.csv gained the row of the step that was done; nothing else changed, no partial folder is left
+    assert after.pop("metrics.csv").startswith(before.pop("metrics.csv")) and after == before
+    assert not [p for p in out.rglob(".*") if p.name != saving.LOCK_FILE]
 
 
 # ---- Ctrl-C between optimizer.step() and the step counter -----------------------------------------

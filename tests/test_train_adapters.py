@@ -65,7 +65,13 @@ def test_map_ranks_reach_peft_on_24_layers(ds, tmp_path):
     assert summary.per_category == {"self_attn": (3, 96), "cross_attn": (2, 96), "mlp": (3, 72)}
     assert sum(summary.rank_histogram.values()) == len(ranks)
     assert summary.flat_params == sum(s.lora_params(8) for s in shapes.values())
-    assert "--rank 64" in summary.overrides and any(o.startswith("--target-modules") for o in summary.overrides)
+    # only the flags the user set are listed as replaced by the map (a library call: those differing from defaults)
+    assert summary.overrides == ()
+    passed = plan_adapter(TrainConfig(ds, tmp_path / "o", rank=64), "base", False, 24,
+                          explicit=frozenset({"rank", "target_modules"}))
+    assert passed.overrides == ("--rank 64", "--target-modules self_attn,cross_attn,mlp")
+    changed = plan_adapter(TrainConfig(ds, tmp_path / "o", rank=32), "base", False, 24)
+    assert changed.overrides == ("--rank 32",)
 
 
 def test_ignore_fisher_map_gives_flat_ranks(ds, tmp_path):

@@ -80,7 +80,8 @@ def test_resume_continues_exactly(tiny, tmp_path):
     full_events, resumed_events = [], []
     train(_config(dataset, tmp_path / "a", save_every=1), choice, RUNTIME, full_events.append)
     saved = [e.path for e in full_events if isinstance(e, CheckpointSaved) and not e.final]
-    assert [p.name for p in saved] == ["step-4"]  # 4 samples, batch 1: one epoch = 4 steps
+    # 4 samples, batch 1: one epoch = 4 steps; the last step's resumable state is a checkpoint too (final/ has none)
+    assert [p.name for p in saved] == ["step-4", "step-8"]
 
     train(_config(dataset, tmp_path / "b", resume=str(saved[0])), choice, RUNTIME, resumed_events.append)
     assert next(e for e in resumed_events if isinstance(e, Started)).start_step == 4

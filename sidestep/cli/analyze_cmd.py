@@ -6,11 +6,15 @@ import sys
 from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+import typer
 from rich.prompt import Confirm
 
+from sidestep.cli.recipe import apply_recipe
 from sidestep.display import output
 from sidestep.display.analysis import print_preview
 from sidestep.cli.options import (
+    ConfigFileOpt,
+    PresetOpt,
     AllowTurboOpt,
     AlphaRatioOpt,
     BaseVariantOpt,
@@ -46,7 +50,10 @@ __all__ = ["analyze", "summary_json"]
 
 
 def analyze(
+    ctx: typer.Context,
     dataset_dir: DatasetDirOpt = None,
+    config_file: ConfigFileOpt = None,
+    preset: PresetOpt = None,
     timestep_focus: TimestepFocusOpt = "balanced",
     rank: RankOpt = 64,
     rank_min: RankMinOpt = 16,
@@ -81,6 +88,18 @@ def analyze(
     from sidestep.data.dataset import sample_files
     from sidestep.models.select import choose_model, choose_runtime
 
+    recipe = None
+    if config_file is not None or preset is not None:  # a recipe fills what the command line left at its default
+        recipe = apply_recipe(ctx, config_file, preset)
+        v = recipe.values
+        (dataset_dir, timestep_focus, rank, rank_min, rank_max, convergence_patience, checkpoint_dir, model,
+         base_variant, yes, seed, runs, batches_per_run, device, precision, output_path, budget, alpha_ratio,
+         rank_signal, allow_turbo, gradient_checkpointing, skip_bad, weight_rank, no_init) = (
+            v[k] for k in ("dataset_dir", "timestep_focus", "rank", "rank_min", "rank_max", "convergence_patience",
+                           "checkpoint_dir", "model", "base_variant", "yes", "seed", "runs", "batches_per_run",
+                           "device", "precision", "output_path", "budget", "alpha_ratio", "rank_signal",
+                           "allow_turbo", "gradient_checkpointing", "skip_bad", "weight_rank", "no_init"))
+
     if dataset_dir is None:
         raise ConfigError("--dataset-dir is required: the folder of preprocessed .pt files to analyse.")
     config = AnalysisConfig(
@@ -96,6 +115,8 @@ def analyze(
         raise ConfigError("Cannot ask whether to save fisher_map.json because stdin is not a terminal; pass --yes.")
     choice = choose_model(checkpoint_dir, model, base_variant)
     runtime = choose_runtime(device, precision, gradient_checkpointing)
+    if recipe is not None:
+        recipe.show()
     output.info(f"Model {choice.entry.label}; {runtime.reason}.")
     bar = _ProgressBar()
     try:

@@ -151,16 +151,22 @@ TargetModulesOpt = Annotated[
 ]
 AdapterKindOpt = Annotated[str, typer.Option("--adapter", help="Adapter type: lora, dora, lokr or loha (via peft).",
                                              rich_help_panel=COMMON)]
-LrOpt = Annotated[float, typer.Option("--lr", help=f"Peak learning rate (with a Preprocessing++ map try {ADVISED_LR}).",
-                                      rich_help_panel=COMMON)]
+LrOpt = Annotated[
+    float | None,
+    typer.Option("--lr", help=f"Peak learning rate (default: 1e-4; {ADVISED_LR} with a Preprocessing++ map; 1.0 for "
+                              "prodigy).", show_default=False, rich_help_panel=COMMON),
+]
 OptimizerOpt = Annotated[
     str, typer.Option("--optimizer", help="adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt; --lr 1.0).",
                       rich_help_panel=SCHEDULE)
 ]
 SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="Learning-rate schedule after warmup: cosine, constant or linear.",
                                            rich_help_panel=SCHEDULE)]
-WarmupStepsOpt = Annotated[int, typer.Option("--warmup-steps", help="Linear warmup, in optimizer steps.",
-                                             rich_help_panel=SCHEDULE)]
+WarmupStepsOpt = Annotated[
+    int | None,
+    typer.Option("--warmup-steps", help="Linear warmup, in optimizer steps (default: 5% of the run, at most 100).",
+                 show_default=False, rich_help_panel=SCHEDULE),
+]
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the dataset (--max-steps, when given, wins).",
                                         rich_help_panel=SCHEDULE)]
 MaxStepsOpt = Annotated[
@@ -227,4 +233,45 @@ SampleStepsOpt = Annotated[
     int | None,
     typer.Option("--sample-steps", help="Sampling steps per sample (default: 8 for turbo, 50 for base/sft).",
                  show_default=False, rich_help_panel=CHECKPOINTS),
+]
+
+# ---- records, validation, checkpoints and recipes (`sidestep train`; --config/--preset also `sidestep analyze`)
+SaveEveryStepsOpt = Annotated[
+    int, typer.Option("--save-every-steps", help="Also save a resumable checkpoint every N optimizer steps; 0 = off.",
+                      rich_help_panel=CHECKPOINTS)
+]
+KeepLastOpt = Annotated[
+    int, typer.Option("--keep-last", help="Keep only the newest K checkpoints/step-N (older ones are removed once a "
+                                          "newer one is complete); 0 = keep all.", rich_help_panel=CHECKPOINTS)
+]
+ValSplitOpt = Annotated[
+    float, typer.Option("--val-split", help="Hold out this share of the dataset's files (seeded) to measure a "
+                                            "validation loss; best/ keeps the adapter where it was lowest.",
+                        rich_help_panel=CHECKPOINTS)
+]
+ValDirOpt = Annotated[
+    Path | None,
+    typer.Option("--val-dir", help="A folder of preprocessed files to validate on (instead of --val-split).",
+                 show_default=False, rich_help_panel=CHECKPOINTS),
+]
+ValEveryOpt = Annotated[
+    int | None,
+    typer.Option("--val-every", help="Measure the validation loss every N steps (default: once per epoch, and at "
+                                     "the end).", show_default=False, rich_help_panel=CHECKPOINTS),
+]
+ReportToOpt = Annotated[
+    str, typer.Option("--report-to", help="Also log metrics to none, tensorboard or wandb (optional extras: pip install "
+                                          "tensorboard, or wandb); metrics.csv is always written.",
+                      rich_help_panel=ADVANCED)
+]
+ConfigFileOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="Read options from a TOML or JSON file (a previous run's run.json works too); "
+                                  "flags on the command line win.", show_default=False, rich_help_panel=COMMON),
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help="Start from a preset (recommended, quick-test, high-quality, low-vram-8gb, ..., or "
+                                  "your own from the wizard); --config and flags win.", show_default=False,
+                 rich_help_panel=COMMON),
 ]

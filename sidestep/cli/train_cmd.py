@@ -1,4 +1,5 @@
-"""`sidestep train`: build a TrainConfig from the flags and call `sidestep.training.run.train` once."""
+"""`sidestep train`: build a TrainConfig from the flags (over a --config file and a --preset) and call
+`sidestep.training.run.train` once."""
 
 from __future__ import annotations
 
@@ -6,19 +7,26 @@ from dataclasses import fields
 from enum import Enum
 from typing import Any
 
+import typer
+
 from sidestep.cli.options import (AdapterKindOpt, AdapterRankOpt, AlphaOpt, BaseVariantOpt, BatchSizeOpt,
-                                  CfgDropoutOpt, CheckpointDirOpt, DatasetDirOpt, DeviceOpt, DropoutOpt, EpochsOpt,
-                                  GradAccumOpt, GradientCheckpointingOpt, IgnoreFisherMapOpt, InitOpt, JsonOpt, LrOpt,
-                                  MaxGradNormOpt, MaxLatentLengthOpt, MaxStepsOpt, ModelOpt, OptimizerOpt, OutputDirOpt,
-                                  OverwriteOpt, PrecisionOpt, ResumeOpt, SampleEveryOpt, SamplePromptsOpt,
-                                  SampleStepsOpt, SaveEveryOpt, SchedulerOpt, SeedOpt,
-                                  SpikeFactorOpt, TargetModulesOpt, TimestepModeOpt, WarmupStepsOpt)
+                                  CfgDropoutOpt, CheckpointDirOpt, ConfigFileOpt, DatasetDirOpt, DeviceOpt, DropoutOpt,
+                                  EpochsOpt, GradAccumOpt, GradientCheckpointingOpt, IgnoreFisherMapOpt, InitOpt,
+                                  JsonOpt, KeepLastOpt, LrOpt, MaxGradNormOpt, MaxLatentLengthOpt, MaxStepsOpt,
+                                  ModelOpt, OptimizerOpt, OutputDirOpt, OverwriteOpt, PrecisionOpt, PresetOpt,
+                                  ReportToOpt, ResumeOpt, SampleEveryOpt, SamplePromptsOpt, SampleStepsOpt,
+                                  SaveEveryOpt, SaveEveryStepsOpt, SchedulerOpt, SeedOpt, SpikeFactorOpt,
+                                  TargetModulesOpt, TimestepModeOpt, ValDirOpt, ValEveryOpt, ValSplitOpt,
+                                  WarmupStepsOpt)
+from sidestep.cli.recipe import apply_recipe
 from sidestep.display import output
 from sidestep.display.training import TrainDisplay
 from sidestep.errors import ConfigError
 from sidestep.training.config import TrainConfig
 
 __all__ = ["train"]
+
+_CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
 
 
 def _default(name: str) -> Any:
@@ -29,8 +37,11 @@ def _default(name: str) -> Any:
 
 
 def train(
+    ctx: typer.Context,
     dataset_dir: DatasetDirOpt = None,
     output_dir: OutputDirOpt = None,
+    config_file: ConfigFileOpt = None,
+    preset: PresetOpt = None,
     checkpoint_dir: CheckpointDirOpt = None,
     model: ModelOpt = None,
     base_variant: BaseVariantOpt = None,
@@ -39,10 +50,10 @@ def train(
     dropout: DropoutOpt = _default("dropout"),
     target_modules: TargetModulesOpt = _default("target_modules"),
     adapter: AdapterKindOpt = _default("adapter"),
-    lr: LrOpt = _default("lr"),
+    lr: LrOpt = None,
     optimizer: OptimizerOpt = _default("optimizer"),
     scheduler: SchedulerOpt = _default("scheduler"),
-    warmup_steps: WarmupStepsOpt = _default("warmup_steps"),
+    warmup_steps: WarmupStepsOpt = None,
     epochs: EpochsOpt = _default("epochs"),
     max_steps: MaxStepsOpt = None,
     batch_size: BatchSizeOpt = _default("batch_size"),
@@ -53,6 +64,12 @@ def train(
     gradient_checkpointing: GradientCheckpointingOpt = None,
     seed: SeedOpt = _default("seed"),
     save_every: SaveEveryOpt = _default("save_every"),
+    save_every_steps: SaveEveryStepsOpt = _default("save_every_steps"),
+    keep_last: KeepLastOpt = _default("keep_last"),
+    val_split: ValSplitOpt = _default("val_split"),
+    val_dir: ValDirOpt = None,
+    val_every: ValEveryOpt = None,
+    report_to: ReportToOpt = _default("report_to"),
     resume: ResumeOpt = None,
     ignore_fisher_map: IgnoreFisherMapOpt = False,
     cfg_dropout: CfgDropoutOpt = _default("cfg_dropout"),
@@ -70,23 +87,20 @@ def train(
     from sidestep.models.select import choose_model, choose_runtime  # imports torch: keep `--help` fast
     from sidestep.training.run import train as run_training
 
-    if dataset_dir is None:
+    recipe = apply_recipe(ctx, config_file, preset, extra=_CONFIG_FIELDS)
+    opts = recipe.values
+    if opts["dataset_dir"] is None:
         raise ConfigError("--dataset-dir is required: the folder of preprocessed .pt files to train on.")
-    if output_dir is None:
+    if opts["output_dir"] is None:
         raise ConfigError("--output-dir is required: where the checkpoints and the final adapter go.")
-    config = TrainConfig(
-        dataset_dir=dataset_dir, output_dir=output_dir, rank=rank, alpha=alpha, dropout=dropout,
-        target_modules=target_modules, adapter=adapter, lr=lr, optimizer=optimizer, scheduler=scheduler,
-        warmup_steps=warmup_steps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm, seed=seed, save_every=save_every, resume=resume,
-        ignore_fisher_map=ignore_fisher_map, cfg_dropout=cfg_dropout, timestep_mode=timestep_mode,
-        max_latent_length=max_latent_length, init=init, spike_factor=spike_factor, overwrite=overwrite,
-        sample_every=sample_every, sample_prompts=sample_prompts, sample_steps=sample_steps,
-    )
-    choice = choose_model(checkpoint_dir, model, base_variant)
-    runtime = choose_runtime(device, precision, gradient_checkpointing)
-    with TrainDisplay(config.output_dir) as display:
-        outcome = run_training(config, choice, runtime, display.on_event)
+    config = TrainConfig(**{name: opts[name] for name in _CONFIG_FIELDS if name in opts})
+    choice = choose_model(opts["checkpoint_dir"], opts["model"], opts["base_variant"])
+    runtime = choose_runtime(opts["device"], opts["precision"], opts["gradient_checkpointing"])
+    # where the values came from, said once training starts (a refused run stays one sentence)
+    intro = recipe.lines() if config_file is not None or preset is not None else []
+    explicit = frozenset(name for name in recipe.chosen if name in _CONFIG_FIELDS)
+    with TrainDisplay(config.output_dir, intro=intro) as display:
+        outcome = run_training(config, choice, runtime, display.on_event, explicit)
     if json:
         output.emit_json(outcome.to_json())
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from sidestep.models.convert import diffusers_to_original, original_to_diffusers
 from sidestep.training.config import TARGET_GROUPS, AdapterKind, InitMode, TrainConfig
 from sidestep.training.grad_init import InitPlan, apply_gradient_init
 
-__all__ = ["AdapterPlan", "MapSummary", "plan_adapter", "flat_plan", "map_plan", "map_warnings", "resolve_targets",
+__all__ = ["AdapterPlan", "MapSummary", "plan_adapter", "flat_plan", "map_plan", "clamp_ranks", "map_warnings", "resolve_targets",
            "peft_config", "attach_adapter", "module_shapes", "summarize", "check_plan_fits", "ADAPTER_PARAM_MARKERS"]
 
 Naming = Literal["diffusers", "original"]
@@ -36,6 +36,9 @@ ADAPTER_PARAM_MARKERS = (".lora_", ".hada_", ".lokr_")
 _TURBO_ADVICE = (f"Turbo models are fragile with Preprocessing++ maps: use a lower --lr (e.g. {ADVISED_LR}) and listen to "
                  "early checkpoints; if the loss spikes, delete fisher_map.json or pass --ignore-fisher-map, or train "
                  "on base.")
+
+
+_DEFAULT_RANK = next(f.default for f in fields(TrainConfig) if f.name == "rank")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def flat_plan(config: TrainConfig, num_layers: int, notices: tuple[str, ...] = (
 
 
 def map_plan(fmap: FisherMap, config: TrainConfig, source: Path, num_layers: int,
-             notices: tuple[str, ...] = ()) -> AdapterPlan:
+             notices: tuple[str, ...] = (), explicit: frozenset[str] | None = None) -> AdapterPlan:
     """Adaptive Rank: exactly the map's modules, each with the map's rank and alpha."""
     beyond = [name for name in fmap.adapted_modules if int(name.split(".")[1]) >= num_layers]
     if beyond:
@@ -121,10 +124,35 @@ def map_plan(fmap: FisherMap, config: TrainConfig, source: Path, num_layers: int
     ranks = {name: int(fmap.rank_pattern[name]) for name in fmap.adapted_modules}
     alphas = {name: float(fmap.alpha_of(name) or 2 * ranks[name]) for name in ranks}
     base_rank = fmap.base_rank or collections.Counter(ranks.values()).most_common(1)[0][0]
-    overrides = (f"--rank {config.rank}", f"--alpha {config.alpha:g}",
-                 f"--target-modules {','.join(config.target_modules)}")
+    overrides = _overrides(config, explicit)
     return AdapterPlan(config.adapter, ranks, alphas, config.dropout, base_rank,
                        float(fmap.alpha_ratio or 2.0) * base_rank, True, source, overrides, notices)
+
+
+def _overrides(config: TrainConfig, explicit: frozenset[str] | None) -> tuple[str, ...]:
+    """The flags the map replaces that the user set: `explicit` names them (the CLI knows); without it (a library
+    call, the wizard) those whose value differs from the default count as set."""
+    flags = {"rank": f"--rank {config.rank}", "alpha": f"--alpha {config.alpha:g}",
+             "target_modules": f"--target-modules {','.join(config.target_modules)}"}
+    if explicit is None:
+        defaults = {"rank": _DEFAULT_RANK, "alpha": 2.0 * config.rank, "target_modules": TARGET_GROUPS}
+        explicit = frozenset(n for n in flags if getattr(config, n) != defaults[n])
+    return tuple(flag for name, flag in flags.items() if name in explicit)
+
+
+def clamp_ranks(plan: AdapterPlan, shapes: dict[str, ModuleShape]) -> tuple[AdapterPlan, str | None]:
+    """A flat rank above min(in, out) of a module buys nothing there: clamp it (alpha scaled alike, so the
+    strength alpha/rank stays); returns the plan and the sentence saying so (None when nothing changed)."""
+    caps = {n: min(shapes[n].in_features, shapes[n].out_features) for n in plan.ranks if n in shapes}
+    over = sorted((n for n, cap in caps.items() if plan.ranks[n] > cap), key=module_sort_key)
+    if not over:
+        return plan, None
+    ranks = {n: min(r, caps.get(n, r)) for n, r in plan.ranks.items()}
+    alphas = {n: a * ranks[n] / plan.ranks[n] for n, a in plan.alphas.items()}
+    first = shapes[over[0]]
+    notice = (f"--rank {plan.base_rank} is more than {len(over)} module(s) can hold (e.g. {over[0]} is "
+              f"{first.in_features}x{first.out_features}); their ranks are clamped to min(in, out), alpha alike.")
+    return replace(plan, ranks=ranks, alphas=alphas), notice
 
 
 def map_warnings(fmap: FisherMap, source: Path, variant: str, is_turbo: bool, num_layers: int,
@@ -146,14 +174,17 @@ def map_warnings(fmap: FisherMap, source: Path, variant: str, is_turbo: bool, nu
     return out
 
 
-def plan_adapter(config: TrainConfig, variant: str, is_turbo: bool, num_layers: int) -> AdapterPlan:
-    """Adaptive Rank when `<dataset>/fisher_map.json` exists and is not ignored, else flat."""
+def plan_adapter(config: TrainConfig, variant: str, is_turbo: bool, num_layers: int,
+                 explicit: frozenset[str] | None = None) -> AdapterPlan:
+    """Adaptive Rank when `<dataset>/fisher_map.json` exists and is not ignored, else flat.
+
+    `explicit`: the TrainConfig fields the user set (for the "not used" list of the map summary)."""
     source = config.dataset_dir / MAP_FILENAME
     if config.ignore_fisher_map or not source.exists():
         return flat_plan(config, num_layers)
     fmap = read_map(source)  # MapError names the file and suggests --ignore-fisher-map
     notices = map_warnings(fmap, source, variant, is_turbo, num_layers, config.dataset_dir)
-    return map_plan(fmap, config, source, num_layers, tuple(notices))
+    return map_plan(fmap, config, source, num_layers, tuple(notices), explicit)
 
 
 def peft_config(plan: AdapterPlan, naming: Naming = "diffusers", task_type: str | None = None) -> PeftConfig:

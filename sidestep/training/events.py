@@ -8,7 +8,7 @@ from typing import Callable, Union
 
 from sidestep.training.adapters import MapSummary
 
-__all__ = ["Started", "Progress", "CheckpointSaved", "SamplesSaved", "Notice", "MapSummary", "TrainEvent", "OnEvent", "noop"]
+__all__ = ["Started", "Progress", "CheckpointSaved", "SamplesSaved", "Validated", "Notice", "MapSummary", "TrainEvent", "OnEvent", "noop"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ class SamplesSaved:
 
 
 @dataclass(frozen=True)
+class Validated:
+    """Validation loss measured after `step`; `best` when it is the lowest so far (saved to OUTPUT/best/)."""
+
+    step: int
+    val_loss: float
+    best: bool
+    best_step: int | None
+
+
+@dataclass(frozen=True)
 class Notice:
     """A warning or note the user should see (stale map, turbo fragility, resume details)."""
 
@@ -66,7 +76,7 @@ class Notice:
     level: str = "warning"  # warning | info
 
 
-TrainEvent = Union[Started, Progress, CheckpointSaved, SamplesSaved, Notice, MapSummary]
+TrainEvent = Union[Started, Progress, CheckpointSaved, SamplesSaved, Validated, Notice, MapSummary]
 OnEvent = Callable[[TrainEvent], None]
 
 

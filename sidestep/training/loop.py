@@ -10,12 +10,14 @@ shard) nor on how samples are grouped: batch B x grad-accum A trains like batch 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.utils.data
 
 from sidestep.data import Batch, DatasetSpec, Sample, collate, load_sample
 from sidestep.errors import Interrupted, SidestepError, TrainingDiverged, is_out_of_memory
@@ -26,11 +28,23 @@ from sidestep.seeding import mix_seed
 from sidestep.training.config import OptimizerKind, SchedulerKind, TrainConfig
 from sidestep.training.events import OnEvent, Progress
 
-__all__ = ["LoopState", "LoopCallback", "LoopContext", "Optimization", "SampleOrder", "train_loop", "build_optimization",
-           "lr_factor", "check_loss", "capture_rng", "restore_rng", "EMA_BETA"]
+__all__ = ["LoopState", "StepStats", "LoopCallback", "LoopContext", "Optimization", "SampleOrder", "train_loop", "build_optimization",
+           "lr_factor", "check_loss", "capture_rng", "restore_rng", "EMA_BETA", "MicroBatchFeed"]
 
 EMA_BETA = 0.9
+LOADER_WORKERS = 2  # processes that read samples ahead when the dataset does not stay in RAM
 _MIN_GUARD_STEPS = 10  # the loss EMA needs some history before a spike means anything
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last optimizer step measured (for metrics.csv): its loss, the gradient norm before clipping,
+    the learning rate it applied, and its wall time in seconds."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
 
 
 @dataclass
@@ -41,15 +55,21 @@ class LoopState:
     loss_ema: float | None = None
     rng: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
+    stats: StepStats | None = None  # of step `step` in this process; None before the first step of a run
 
 
 class LoopCallback(Protocol):
-    """Work the loop hands off at step boundaries (samples, later metrics/validation). A callback must leave the
-    training state as it found it: the model's mode, the global RNG, the gradients."""
+    """Work the loop hands off at step boundaries (checkpoints, metrics, validation, samples). A callback must leave
+    the training state as it found it: the model's mode, the global RNG, the gradients.
+
+    `on_train_end` runs when the last step is done, and on Ctrl-C before the resumable checkpoint is written
+    (so a step whose `on_step_end` was cut short is still recorded)."""
 
     def on_train_start(self, state: LoopState) -> None: ...
 
     def on_step_end(self, state: LoopState) -> None: ...
+
+    def on_train_end(self, state: LoopState) -> None: ...
 
 
 @dataclass
@@ -77,6 +97,10 @@ class SampleOrder:
         self.micro_per_epoch = math.ceil(per_rank / batch_size)
         self._cache: dict[int, Sample] | None = {} if cache else None
         self._perm: tuple[int, list[int]] | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
 
     def positions(self, micro: int) -> tuple[int, list[int]]:
         """(epoch, positions in that epoch's order) of the samples of this rank's micro-batch `micro`."""
@@ -151,16 +175,16 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
     if state.rng is None:
         state.rng = capture_rng()
     model.train()
+    feed = MicroBatchFeed(ctx.order, state.step * cfg.grad_accum, ctx.total_steps * cfg.grad_accum)
     try:
         for callback in ctx.callbacks:
             callback.on_train_start(state)
         while state.step < ctx.total_steps:
+            step_started = time.perf_counter()
             # ---- forward/backward over grad_accum micro-batches; each sample's randomness from its position
             step_loss = 0.0
             for k in range(cfg.grad_accum):
-                micro = state.step * cfg.grad_accum + k
-                gens = ctx.order.generators(micro)
-                batch = ctx.order.batch(micro, gens)
+                gens, batch = feed.get(state.step * cfg.grad_accum + k)
                 try:
                     batch = batch.to(rt.device, rt.dtype)
                     cond = apply_cfg_dropout(batch.encoder_hidden_states, ctx.null_embedding, cfg.cfg_dropout, gens)
@@ -197,35 +221,101 @@ def train_loop(ctx: LoopContext, state: LoopState) -> LoopState:
             # ---- optimizer, lr schedule and the step counter: one section a Ctrl-C/SIGTERM cannot split, so a
             # checkpoint's weights and step always agree (a resumed run never applies a step twice)
             with deferred():
+                lr = opt.scheduler.get_last_lr()[0]  # the rate this step applies
                 opt.scaler.step(opt.optimizer)
                 opt.scaler.update()
                 opt.scheduler.step()
                 opt.optimizer.zero_grad(set_to_none=True)
                 ema = step_loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * step_loss
-                state = replace(state, step=state.step + 1, loss_ema=ema, rng=capture_rng())
-
-            # ---- checkpoint every save_every epochs (the final adapter is written by the caller)
-            done_before = ((state.step - 1) * cfg.grad_accum) // ctx.order.micro_per_epoch
-            done = (state.step * cfg.grad_accum) // ctx.order.micro_per_epoch
-            if cfg.save_every and done > done_before and done % cfg.save_every == 0 and state.step < ctx.total_steps:
-                state.last_checkpoint = ctx.checkpoint(state)
+                stats = StepStats(step_loss, grad_norm, lr, time.perf_counter() - step_started)
+                state = replace(state, step=state.step + 1, loss_ema=ema, rng=capture_rng(), stats=stats)
 
             # ---- progress (a KeyboardInterrupt raised here is handled like Ctrl-C)
             rate = (state.step - start_step) / max(time.perf_counter() - started, 1e-9)
             ctx.on_event(Progress(state.step, ctx.total_steps, state.step * cfg.grad_accum / ctx.order.micro_per_epoch,
                                   step_loss, ema, opt.scheduler.get_last_lr()[0], rate))
+            # ---- checkpoints, metrics, validation, samples (training/records.py, training/sampling.py)
             for callback in ctx.callbacks:
                 callback.on_step_end(state)
+        for callback in ctx.callbacks:
+            callback.on_train_end(state)
     except KeyboardInterrupt:
-        # ---- Ctrl-C: drop the half-accumulated step, save a resumable checkpoint, stop
+        # ---- Ctrl-C: drop the half-accumulated step, record the steps done, save a resumable checkpoint, stop
         opt.optimizer.zero_grad(set_to_none=True)
         with deferred(reraise=False):  # a second Ctrl-C while saving is ignored: the checkpoint completes
+            for callback in ctx.callbacks:
+                callback.on_train_end(state)
             path = ctx.checkpoint(state)
         raise Interrupted(f"Interrupted at step {state.step}; a resumable checkpoint is in {path} "
                           f"(continue with --resume latest).") from None
     finally:
+        feed.close()
         model.eval()
     return state
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C/SIGTERM to the main process (which saves a checkpoint, then shuts them down)
+    and use one thread each, so they never compete with the training step for cores."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch M of a SampleOrder, read and cropped in a loader worker. It returns the per-sample generators'
+    states after the crop, so the main process continues each sample's stream exactly where the worker left it;
+    an error comes back as a value and is raised by the main process as itself (one sentence, no worker trace)."""
+
+    def __init__(self, order: SampleOrder) -> None:
+        self.order = order
+
+    def __getitem__(self, micro: int) -> tuple[int, Batch | None, list[torch.Tensor] | None, BaseException | None]:
+        try:
+            gens = self.order.generators(micro)
+            batch = self.order.batch(micro, gens)
+        except Exception as err:  # noqa: BLE001 - handed to the main process, which raises it
+            return micro, None, None, err
+        return micro, batch, [g.get_state() for g in gens], None
+
+
+class MicroBatchFeed:
+    """The micro-batches of a run, in order. A dataset small enough to stay in RAM is read in the loop; a larger
+    one through a `torch.utils.data.DataLoader` whose workers read and crop the next micro-batches while this one
+    trains. Both give the same batches and draws (tested): every random choice follows (seed, epoch, position)."""
+
+    def __init__(self, order: SampleOrder, start: int, stop: int, workers: int = LOADER_WORKERS) -> None:
+        self.order = order
+        self._it: Any = None
+        if not order.cached and stop > start and workers > 0:
+            loader = torch.utils.data.DataLoader(_MicroBatches(order), batch_size=None, sampler=range(start, stop),
+                                                 num_workers=workers, collate_fn=_identity,
+                                                 worker_init_fn=_quiet_worker, prefetch_factor=2,
+                                                 # its own generator: the workers' base seed must not draw from the
+                                                 # global RNG, which adapter dropout uses
+                                                 generator=torch.Generator().manual_seed(0))
+            self._it = iter(loader)
+
+    def get(self, micro: int) -> tuple[list[torch.Generator], Batch]:
+        if self._it is None:
+            gens = self.order.generators(micro)
+            return gens, self.order.batch(micro, gens)
+        got, batch, states, err = next(self._it)
+        if err is not None:
+            raise err
+        if got != micro or batch is None or states is None:
+            raise RuntimeError(f"internal: the loader gave micro-batch {got} where {micro} was due")
+        gens = self.order.generators(micro)
+        for gen, saved in zip(gens, states, strict=True):
+            gen.set_state(saved)
+        return gens, batch
+
+    def close(self) -> None:
+        self._it = None  # the iterator's finalizer stops the workers
 
 
 def check_loss(loss: float, grad_norm: float, state: LoopState, cfg: TrainConfig) -> str | None:

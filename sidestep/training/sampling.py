@@ -100,6 +100,9 @@ class TrainingSampler:
         if state.step % self.plan.every == 0 or state.step == self.total:
             self._render_or_warn(state.step)
 
+    def on_train_end(self, state: LoopState) -> None:
+        """The last step's samples are rendered by `on_step_end` (a Ctrl-C skips them)."""
+
     def _render_or_warn(self, step: int) -> None:
         """Samples are for listening: a failed render (say, out of GPU memory) stops the samples, never training."""
         if self._failed:

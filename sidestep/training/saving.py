@@ -33,7 +33,7 @@ from sidestep.training.adapters import ADAPTER_PARAM_MARKERS, AdapterPlan, peft_
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "STATE_FILE", "PEFT_PREFIX", "AdapterFiles", "save_adapter_dir",
            "read_adapter_dir", "adapter_tensors", "load_adapter_weights", "ace_step_config", "prepare_output", "backup_final",
            "checkpoint_dir", "final_dir", "resolve_resume", "load_training_state", "write_run_json", "SaveFailed",
-           "restore_final", "output_lock", "check_finite"]
+           "restore_final", "output_lock", "check_finite", "prune_checkpoints"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -100,8 +100,9 @@ def load_adapter_weights(transformer: torch.nn.Module, tensors: dict[str, torch.
 
 
 def save_adapter_dir(path: Path, plan: AdapterPlan, transformer: torch.nn.Module,
-                     state: dict[str, Any] | None = None) -> Path:
-    """Write `path/` atomically: the ACE-Step adapter, plus `training_state.pt` when `state` is given."""
+                     state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write `path/` atomically: the ACE-Step adapter, plus `training_state.pt` when `state` is given and one
+    JSON file per `extra` entry (name -> payload)."""
     tensors = adapter_tensors(transformer)
     try:
         with atomic_dir(path) as tmp:
@@ -109,6 +110,8 @@ def save_adapter_dir(path: Path, plan: AdapterPlan, transformer: torch.nn.Module
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             if state is not None:
                 torch.save({"format": STATE_FORMAT, **state}, tmp / STATE_FILE)
+            for name, payload in (extra or {}).items():
+                write_json_atomic(tmp / name, _jsonable(payload))
     except (OSError, RuntimeError, SafetensorError, SidestepError) as err:  # torch.save: RuntimeError on a full disk
         raise SaveFailed(Path(path), write_error_reason(err)) from err
     return Path(path)
@@ -216,16 +219,30 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume).expanduser()
         if (path / STATE_FILE).is_file():
-            return path
+            return path if _resumable(path) else _checkpoint_of_final(path, resume)
         raise CheckpointError(f"--resume {resume}: {path / STATE_FILE} not found; give a checkpoint folder "
                               f"(OUTPUT/checkpoints/step-N) or 'latest'.")
     candidates = [p for p in (Path(output_dir) / "checkpoints").glob("step-*") if _STEP_DIR.fullmatch(p.name)]
     candidates = [p for p in candidates if (p / STATE_FILE).is_file()]
-    if (final_dir(output_dir) / STATE_FILE).is_file():
+    if (final_dir(output_dir) / STATE_FILE).is_file() and _resumable(final_dir(output_dir)):  # written before 0.2
         candidates.append(final_dir(output_dir))
     if not candidates:
         raise CheckpointError(f"--resume latest: no checkpoint with {STATE_FILE} under {output_dir}.")
     return max(candidates, key=lambda p: (_saved_step(p), p.name == "final"))
+
+
+def _resumable(path: Path) -> bool:
+    """final/ holds the adapter without optimizer state; its resumable twin is checkpoints/step-N."""
+    return load_training_state(path, mmap=True).get("resumable", True) is not False
+
+
+def _checkpoint_of_final(path: Path, resume: str) -> Path:
+    step = int(load_training_state(path, mmap=True)["step"])
+    twin = checkpoint_dir(path.parent, step)
+    if (twin / STATE_FILE).is_file():
+        return twin
+    raise CheckpointError(f"--resume {resume}: this adapter was saved without its optimizer state; resume from "
+                          f"{twin} (or 'latest').")
 
 
 def load_training_state(path: Path, mmap: bool = False) -> dict[str, Any]:
@@ -242,6 +259,22 @@ def write_run_json(output_dir: Path, payload: dict[str, Any]) -> Path:
     path = Path(output_dir) / "run.json"
     write_json_atomic(path, _jsonable(payload))
     return path
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int, newest: Path) -> list[Path]:
+    """Keep `newest` (complete on disk: it was renamed into place whole) and the `keep_last - 1` checkpoints
+    saved before it; remove older `checkpoints/step-N`. Checkpoints of higher steps (left by a run that was
+    resumed from an earlier one) are not older, so they stay. Returns what was removed."""
+    if keep_last <= 0:
+        return []
+    step = _saved_step(Path(newest))
+    older = [p for p in (Path(output_dir) / "checkpoints").glob("step-*")
+             if _STEP_DIR.fullmatch(p.name) and p.is_dir() and _saved_step(p) < step]
+    older.sort(key=_saved_step, reverse=True)
+    removed = older[keep_last - 1:]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def _saved_step(path: Path) -> int:

@@ -277,7 +277,8 @@ def _summary(config: TrainConfig, answers: Answers) -> Table:
                                   f"targets {', '.join(config.target_modules)}")
     if config.init.value != "default":
         table.add_row("Init", f"{config.init.value} (from {INIT_FILENAME})")
-    table.add_row("Learning rate", f"{config.lr:g} ({config.optimizer.value}, {config.scheduler.value})")
+    lr = "auto" if config.lr is None else f"{config.lr:g}"  # auto: resolved by the run (map, optimizer)
+    table.add_row("Learning rate", f"{lr} ({config.optimizer.value}, {config.scheduler.value})")
     length = config.max_steps and f", at most {config.max_steps} steps" or ""
     table.add_row("Length", f"{config.epochs} epochs{length}")
     table.add_row("Batch", f"{config.batch_size} × {config.grad_accum} accumulation")
