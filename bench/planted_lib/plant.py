@@ -90,15 +90,16 @@ def measure_curvature(model: torch.nn.Module, names: list[str], law, variant, ba
     for n, m in mods.items():
         m.weight.requires_grad_(True)
 
-        def forward(_m, inp, _out, n=n):
+        def backward(grad: torch.Tensor, n: str) -> None:
+            d = grad.detach().reshape(-1, grad.shape[-1]).double()
+            b[n] += d.T @ d
+
+        def forward(_m, inp, out, n=n):
             x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
             a[n] += x.T @ x
             tokens[n] += x.shape[0]
-
-        def backward(_m, _gin, gout, n=n):
-            d = gout[0].detach().reshape(-1, gout[0].shape[-1]).double()
-            b[n] += d.T @ d
-        hooks += [m.register_forward_hook(forward), m.register_full_backward_hook(backward)]
+            out.register_hook(lambda grad, n=n: backward(grad, n))  # ∂loss/∂output of this module
+        hooks.append(m.register_forward_hook(forward))
     g = torch.Generator().manual_seed(seed)
     sampler = sampler_for_focus("balanced", variant)
     try:
