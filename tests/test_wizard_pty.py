@@ -66,6 +66,18 @@ class Screen:
 
 
 @pytest.mark.slow
+
+def _start_preprocessing_plus_plus(s: "Screen", dataset_dir) -> None:
+    """Main menu → Preprocessing++ on `dataset_dir` with ranks 8 (4..16), every other answer the default."""
+    s.answer("What do you want to do", ENTER)  # Preprocessing++ is the first entry
+    s.answer("Load defaults from a preset", ENTER)
+    s.answer("Which model", ENTER)
+    s.answer("Dataset folder", str(dataset_dir) + ENTER)
+    s.answer("Timestep focus", ENTER)
+    s.answer("Base rank", "8" + ENTER)
+    s.answer("Smallest rank", "4" + ENTER)
+    s.answer("Largest rank", "16" + ENTER)
+
 def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
     config_dir, dataset = tmp_path / "config", tmp_path / "tensors"
     child = _spawn(config_dir)
@@ -130,14 +142,7 @@ def test_turbo_refusal_in_the_terminal_writes_nothing(demo, tmp_path, tiny_cfg, 
     child = _spawn(config_dir)
     s = Screen(child)
     try:
-        s.answer("What do you want to do", ENTER)
-        s.answer("Load defaults from a preset", ENTER)
-        s.answer("Which model", ENTER)
-        s.answer("Dataset folder", str(dataset_dir) + ENTER)
-        s.answer("Timestep focus", ENTER)
-        s.answer("Base rank", "8" + ENTER)
-        s.answer("Smallest rank", "4" + ENTER)
-        s.answer("Largest rank", "16" + ENTER)
+        _start_preprocessing_plus_plus(s, dataset_dir)
         warning = s.answer(r"Analyse it anyway\?", "n")
         assert "turbo model" in warning
         s.answer("What do you want to do", CTRL_C)
@@ -172,14 +177,7 @@ def test_chain_preprocessing_plus_plus_then_train_then_export(demo, tmp_path, da
     child = _spawn(config_dir)
     s = Screen(child)
     try:
-        s.answer("What do you want to do", ENTER)  # Preprocessing++
-        s.answer("Load defaults from a preset", ENTER)
-        s.answer("Which model", ENTER)
-        s.answer("Dataset folder", str(dataset_dir) + ENTER)
-        s.answer("Timestep focus", ENTER)
-        s.answer("Base rank", "8" + ENTER)
-        s.answer("Smallest rank", "4" + ENTER)
-        s.answer("Largest rank", "16" + ENTER)
+        _start_preprocessing_plus_plus(s, dataset_dir)
         s.answer(r"Run Preprocessing\+\+ now\?", "y")
         s.answer(r"Save fisher_map\.json\?", "y")
         s.answer(r"Train now with this map\?", "y")

@@ -25,7 +25,7 @@ from sidestep.fileio import backup_existing, write_json_atomic
 __all__ = [
     "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
-    "NEED_FIELD", "PROBE_FIELD", "NeedSummary", "need_summary",
+    "NEED_FIELD", "PROBE_FIELD", "TURBO_MAP_ADVICE", "NeedSummary", "need_summary",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
@@ -34,6 +34,10 @@ MAP_VERSION = 3
 ADVISED_LR = "5e-5"
 LR_ADVICE = ("Preprocessing++ adapts strongly and can overfit sooner: train with a lower learning rate "
              f"(e.g. --lr {ADVISED_LR} instead of 1e-4) and check samples early.")
+# Said wherever a turbo model meets a map (analyze, train, the wizard): one sentence, one place.
+TURBO_MAP_ADVICE = (f"Turbo models are fragile with Preprocessing++ maps: use a lower learning rate (--lr "
+                    f"{ADVISED_LR}) and listen to early checkpoints; if the loss spikes, delete fisher_map.json or pass "
+                    "--ignore-fisher-map, or train on base.")
 _FIX = "delete it or pass --ignore-fisher-map"
 _MAX_DEPTH = 16  # the map's own structure nests 4 deep; unknown extra fields get some room
 _MAX_RANK = 1 << 16  # wider than any ACE-Step module; checked against the real module shapes at training time

@@ -28,8 +28,8 @@ from sidestep.analysis.engine import AnalysisResult, Progress, run_analysis
 from sidestep.analysis.fisher_map import (
     NEED_FIELD,
     PROBE_FIELD,
+    TURBO_MAP_ADVICE,
     ADVISED_LR,
-    LR_ADVICE,
     Convergence,
     FisherMap,
     ModuleEntry,
@@ -54,8 +54,6 @@ __all__ = ["AnalysisOutcome", "analyze_dataset", "build_map", "check_output", "p
 SMALL_DATASET = 5
 # Below this share of the total need in the top 10% of modules the need counts as spread evenly (uniform: 0.10).
 SPREAD_EVENLY_BELOW = 0.25
-_TURBO_FIX = ("delete fisher_map.json or train with --ignore-fisher-map if a turbo run collapses "
-              "(loss spikes, noise); a base model is recommended")
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,7 @@ def preflight(config: AnalysisConfig, entry: ModelEntry) -> tuple[DatasetScan, l
                 f"analyse it anyway (then train with a lower learning rate such as {ADVISED_LR} and check samples early), "
                 f"or analyse a base model."
             )
-        warnings.append(f"{entry.name} is a turbo model: {LR_ADVICE} If a turbo run collapses, {_TURBO_FIX}.")
+        warnings.append(f"{entry.name} is a turbo model. {TURBO_MAP_ADVICE}")
     check_output(config.output_path)
     scan = scan_dataset(config.dataset_dir, DatasetSpec.from_model_config(entry.config), config.skip_bad)
     warnings.extend(f"Skipped {problem}" for problem in scan.problems)

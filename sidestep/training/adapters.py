@@ -18,7 +18,7 @@ import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
-from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, FisherMap, read_map
+from sidestep.analysis.fisher_map import MAP_FILENAME, TURBO_MAP_ADVICE, FisherMap, read_map
 from sidestep.analysis.modules import (PROJECTIONS, Category, ModuleShape, category_of, module_sort_key,
                                       strip_decoder_prefix, targetable_modules)
 from sidestep.data import dataset_hash
@@ -33,9 +33,6 @@ __all__ = ["AdapterPlan", "MapSummary", "plan_adapter", "flat_plan", "map_plan",
 Naming = Literal["diffusers", "original"]
 # Substrings that mark a parameter as part of an adapter (LoRA/DoRA, LoHa, LoKr).
 ADAPTER_PARAM_MARKERS = (".lora_", ".hada_", ".lokr_")
-_TURBO_ADVICE = (f"Turbo models are fragile with Preprocessing++ maps: use a lower --lr (e.g. {ADVISED_LR}) and listen to "
-                 "early checkpoints; if the loss spikes, delete fisher_map.json or pass --ignore-fisher-map, or train "
-                 "on base.")
 
 
 _DEFAULT_RANK = next(f.default for f in fields(TrainConfig) if f.name == "rank")
@@ -170,7 +167,7 @@ def map_warnings(fmap: FisherMap, source: Path, variant: str, is_turbo: bool, nu
         out.append(f"The dataset in {dataset_dir} changed since {source.name} was made (fingerprint "
                    f"{fmap.dataset_hash} -> {current}); rerun `sidestep analyze` to refresh it (continuing).")
     if is_turbo:
-        out.append(_TURBO_ADVICE)
+        out.append(TURBO_MAP_ADVICE)
     return out
 
 

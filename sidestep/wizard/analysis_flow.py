@@ -130,7 +130,7 @@ def _confirm(asker: Asker, answers: Answers) -> bool:
     choice = answers["model"]
     answers["allow_turbo"] = False
     config = build_config(answers)
-    turbo = _is_turbo(choice)
+    turbo = choice.entry.is_turbo  # the same rule as `sidestep analyze`
     # The library's own preflight: the same checks and warnings (small dataset, turbo) as `sidestep analyze`.
     _scan, warnings = preflight(replace(config, allow_turbo=turbo), choice.entry)
     answers["warnings_shown"] = set(warnings)
@@ -150,11 +150,6 @@ def _warn_once(asker: Asker, message: str, shown: set[str]) -> None:
     if message not in shown:
         shown.add(message)
         asker.say(f"[yellow]Warning:[/] {message}")
-
-
-def _is_turbo(choice: Any) -> bool:
-    """Turbo as the library sees it (the same rule as `sidestep analyze`)."""
-    return choice.entry.is_turbo
 
 
 def summary_table(config: AnalysisConfig, choice: Any, scan: Any) -> Table:

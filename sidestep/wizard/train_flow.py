@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from rich.table import Table
 
-from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, read_map
+from sidestep.analysis.fisher_map import ADVISED_LR, MAP_FILENAME, TURBO_MAP_ADVICE, read_map
 from sidestep.analysis.init_file import INIT_FILENAME
 from sidestep.errors import SidestepError
 from sidestep.training.config import AdapterKind, TrainConfig
@@ -254,14 +254,9 @@ def _ask_gc(asker: Asker, answers: Answers) -> bool:
 def _confirm(asker: Asker, answers: Answers) -> bool:
     config = build_train_config(answers)
     asker.say(_summary(config, answers))
-    if _uses_map(answers) and _is_turbo(answers["model"]):
-        asker.say("[yellow]Turbo with a Preprocessing++ map is fragile: use a lower learning rate, listen early; "
-                  "if the loss spikes, ignore the map or train on base.[/]")
+    if _uses_map(answers) and answers["model"].entry.is_turbo:
+        asker.say(f"[yellow]{TURBO_MAP_ADVICE}[/]")
     return asker.confirm("Start training?", default=True)
-
-
-def _is_turbo(choice: Any) -> bool:
-    return choice.entry.is_turbo
 
 
 def _summary(config: TrainConfig, answers: Answers) -> Table:
