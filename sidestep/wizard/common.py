@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, MutableMapping
+from typing import Any, Callable, Iterable, Mapping, MutableMapping
 
 from sidestep import settings
 from sidestep.errors import SidestepError
@@ -178,6 +178,22 @@ def _offer_preprocess(asker: Asker, folder: Path, count: int, choice: Any) -> Pa
     if summary is None or not (summary.done or summary.skipped):
         return None
     return Path(summary.output_dir)
+
+
+def ask_optional_file(asker: Asker, question: str, previous: Any, read: Callable[[Path], object]) -> Path | None:
+    """A path the user may leave empty (None); `read` must accept it, else its one-sentence error is shown and
+    the question asked again."""
+
+    def check(raw: str) -> str | None:
+        try:
+            if raw.strip():
+                read(Path(raw.strip()).expanduser())
+        except SidestepError as err:
+            return str(err)
+        return None
+
+    raw = asker.text(question, default="" if previous is None else str(previous), validate=check).strip()
+    return Path(raw).expanduser() if raw else None
 
 
 def seconds_text(seconds: float) -> str:

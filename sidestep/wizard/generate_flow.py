@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sidestep.errors import SidestepError
 from sidestep.generation import MAX_DURATION_S, PromptDefaults, make_prompt
 from sidestep.wizard.asker import Asker
-from sidestep.wizard.common import Answers, Session, ask_model
+from sidestep.wizard.common import Answers, Session, ask_model, ask_optional_file
 from sidestep.wizard.steps import Step, run_steps
 
 __all__ = ["generate_flow", "build_generate_config"]
@@ -59,19 +58,9 @@ def _ask_adapter(asker: Asker, answers: Answers) -> Path | None:
     from sidestep.training.generate import read_saved_adapter
 
     layers = int(answers["model"].entry.config["num_hidden_layers"])
-
-    def check(raw: str) -> str | None:
-        try:
-            if raw:
-                read_saved_adapter(Path(raw).expanduser(), layers)
-        except SidestepError as err:
-            return str(err)
-        return None
-
-    previous = answers.get("adapter")
-    raw = asker.text("Adapter: a training output, an adapter folder or an exported .safetensors (empty = base model)",
-                     default="" if previous is None else str(previous), validate=check)
-    return Path(raw).expanduser() if raw else None
+    return ask_optional_file(asker, "Adapter: a training output, an adapter folder or an exported .safetensors "
+                             "(empty = base model)", answers.get("adapter"),
+                             lambda path: read_saved_adapter(path, layers))
 
 
 def _ask_strength(asker: Asker, answers: Answers) -> float:

@@ -16,7 +16,7 @@ from sidestep.analysis.init_file import INIT_FILENAME
 from sidestep.errors import SidestepError
 from sidestep.training.config import AdapterKind, TrainConfig
 from sidestep.wizard.asker import Asker, Back, Option
-from sidestep.wizard.common import Answers, Session, ask_dataset, ask_model, ask_preset
+from sidestep.wizard.common import Answers, Session, ask_dataset, ask_model, ask_optional_file, ask_preset
 from sidestep.wizard.fields import ask_field, config_problem
 from sidestep.wizard.presets import PRESET_FIELDS
 from sidestep.wizard.presets_flow import offer_save_preset
@@ -228,18 +228,8 @@ def _ask_sample_every(asker: Asker, answers: Answers) -> int:
 def _ask_sample_prompts(asker: Asker, answers: Answers) -> Path | None:
     from sidestep.generation import read_prompts
 
-    def check(raw: str) -> str | None:
-        try:
-            if raw.strip():
-                read_prompts(Path(raw.strip()).expanduser())
-        except SidestepError as err:
-            return str(err)
-        return None
-
-    previous = answers.get("sample_prompts")
-    raw = asker.text("Sample prompts file (TOML or JSON; empty = a caption from the dataset)",
-                     default="" if previous is None else str(previous), validate=check)
-    return Path(raw).expanduser() if raw.strip() else None
+    return ask_optional_file(asker, "Sample prompts file (TOML or JSON; empty = a caption from the dataset)",
+                             answers.get("sample_prompts"), read_prompts)
 
 
 def _ask_gc(asker: Asker, answers: Answers) -> bool:
