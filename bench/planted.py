@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from planted_lib.control import own_samples  # noqa: E402
 from planted_lib.plant import PlantSpec, ensure_plant  # noqa: E402
-from planted_lib.runner import DEFAULT_SIGNAL, SIGNALS, CellConfig, Data, outputs, run_cell  # noqa: E402
+from planted_lib.runner import (DEFAULT_SIGNAL, SIGNALS, CellConfig, Data, concentration_record, outputs,  # noqa: E402
+                                run_cell)
 from quality_lib.arms import Budget  # noqa: E402
 from quality_lib.base_model import MODEL_FOLDER, BaseSpec, ensure_base  # noqa: E402
 from quality_lib.cli import finish, parse_with_preset  # noqa: E402
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plant-seed", default=None, help="alias of --plants")
     p.add_argument("--signals", default=",".join(SIGNALS), help="rank signals to build map arms for")
     p.add_argument("--arms", default=None, help="train only these arms (comma-separated; flat always); default all")
-    p.add_argument("--probe-lr", type=float, default=1e-2, help="learning rate of the --rank-signal probe run")
+    p.add_argument("--probe-lr", type=float, default=None, help="learning rate of the --rank-signal probe run "
+                   "(default: the tool's default)")
     p.add_argument("--skip-control-analysis", action="store_true", help="skip the own-samples analysis")
     p.add_argument("--out", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -142,9 +144,7 @@ def _own_sample_control(loaded, conditions, root: Path, args, cfg: CellConfig, r
     acfg = AnalysisConfig(dataset_dir=folder, output=root / "own-map.json", base_rank=b.base, rank_min=b.lo,
                           rank_max=b.hi, rank_step=b.step, budget="flat", write_init=False, seed=0)
     outcome = analyze_dataset(acfg, loaded.entry, runtime, loader=lambda _e, _r: loaded)
-    need = outcome.map.extra.get("need", {})
-    return {"top10_share": need.get("top10_share"),
-            "need_per_param": {n: v["need_per_param"] for n, v in need.get("per_module", {}).items()}}
+    return {"concentration": concentration_record(outcome.map)}
 
 
 def summarize(records: list[dict], cells: list[dict], plants: list[dict], controls: list[dict]) -> dict:
@@ -184,21 +184,26 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
 
 
 def _differential(cells: list[dict], controls: list[dict]) -> dict:
-    """Concentration on planted data vs on the base's own samples; need agreement across seeds and across plants."""
+    """Per measure (the probe's score, the need): concentration on planted data vs on the base's own samples, and
+    agreement across seeds of the same data and across plants."""
     def rho(a: dict, b: dict) -> float:
         names = sorted(a)
         return float(spearmanr([a[n] for n in names], [b[n] for n in names])[0])
     by_plant: dict[int, list[dict]] = {}
     for c in cells:
         by_plant.setdefault(c["plant"], []).append(c)
-    same = [rho(v[0]["need_per_param"], v[1]["need_per_param"]) for v in by_plant.values() if len(v) > 1]
-    firsts = [v[0]["need_per_param"] for v in by_plant.values()]
-    across = [rho(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]]
-    planted_share = [c["need_top10_share"] for c in cells]
-    own_share = [c["top10_share"] for c in controls]
-    return {"planted_top10_share": planted_share, "own_samples_top10_share": own_share,
-            "own_below_every_planted": bool(own_share and planted_share and max(own_share) < min(planted_share)),
-            "spearman_same_data_two_seeds": same, "spearman_two_plants": across}
+    out = {}
+    for field in sorted({f for c in cells for f in c["concentration"]}):
+        of = lambda c: c["concentration"].get(field, {})  # noqa: E731
+        same = [rho(of(v[0])["per_param"], of(v[1])["per_param"]) for v in by_plant.values() if len(v) > 1]
+        firsts = [of(v[0])["per_param"] for v in by_plant.values()]
+        across = [rho(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]]
+        planted_share = [of(c)["top10_share"] for c in cells]
+        own_share = [of(c)["top10_share"] for c in controls if of(c)]
+        out[field] = {"planted_top10_share": planted_share, "own_samples_top10_share": own_share,
+                      "own_below_every_planted": bool(own_share and max(own_share) < min(planted_share)),
+                      "spearman_same_data_two_seeds": same, "spearman_two_plants": across}
+    return out
 
 
 def markdown(summary: dict, command: str) -> str:
@@ -219,10 +224,19 @@ def markdown(summary: dict, command: str) -> str:
                      f"{ci(row.get('distill_vs_flat'))} | {'—' if share is None else f'{share:.0%}'} | "
                      f"{ci(row.get('test_loss_vs_flat'))} | {ci(row.get('forgetting_vs_flat'))} | "
                      f"{ci(row.get('distill_vs_control'))} |")
+    def span(values: list[float]) -> str:
+        return f"{min(values):.2f}–{max(values):.2f}" if values else "—"
     lines += ["", "Precision of the planted modules among each signal's top-|S|: " +
               ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S"].items()), "",
-              "Differential control: " + json.dumps(summary["differential_control"]), ""]
-    return "\n".join(lines)
+              "Differential control (targets: own samples below every planted share; two seeds ≥ 0.95; two plants "
+              "≤ 0.5):", "",
+              "| measure | top-10% share, planted | top-10% share, own samples | own below every planted | "
+              "Spearman, two seeds | Spearman, two plants |", "|---|---|---|---|---|---|"]
+    for field, d in summary["differential_control"].items():
+        lines.append(f"| {field} | {span(d['planted_top10_share'])} | {span(d['own_samples_top10_share'])} | "
+                     f"{'yes' if d['own_below_every_planted'] else 'no'} | {span(d['spearman_same_data_two_seeds'])} | "
+                     f"{span(d['spearman_two_plants'])} |")
+    return "\n".join(lines + [""])
 
 
 if __name__ == "__main__":

@@ -34,9 +34,11 @@ from quality_lib.cli import finish, parse_with_preset  # noqa: E402
 from quality_lib.report import markdown_table, summarize  # noqa: E402
 from quality_lib.runner import CellConfig, prepare_task, run_cell, skipped_arms  # noqa: E402
 
+from sidestep.analysis.config import AnalysisConfig  # noqa: E402
 from sidestep.models import find_model, load_model, resolve_runtime  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SIGNAL = AnalysisConfig(dataset_dir=Path(".")).rank_signal.value
 PRESETS = {
     "default": dict(task_seed="0,1,2", seeds=3, layers=4, hidden=128, pretrain_steps=1500, train_samples=20,
                     val_samples=8, test_samples=16, base_samples=16, eval_draws=6, steps=100, batch_size=4,
@@ -52,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CI smoke preset (tiny sizes, 1 seed, 1 LR)")
     p.add_argument("--task-seed", default=None, help="task(s), comma-separated (default 0,1,2; --quick: 0)")
     p.add_argument("--arms", default=",".join(ARM_ORDER), help="arms to run, comma-separated (flat is always run)")
-    p.add_argument("--rank-signal", default="data", help="our map's second factor: data|fisher|grad-energy|weight")
+    p.add_argument("--rank-signal", default=None, help="our map's rank signal (default: the tool's default, "
+                   "probe): probe|data|need|fisher|grad-energy|weight")
     p.add_argument("--focus", default="balanced", help="analysis timestep focus: balanced|texture|structure|LOW,HIGH")
     p.add_argument("--inclusion", type=float, default=0.55, help="fraction of modules our maps select by Fisher")
     p.add_argument("--out", type=Path, help="also write the full result JSON here")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
         budget=Budget(args.rank, args.rank_min, args.rank_max, args.rank_step), steps=args.steps,
         batch_size=args.batch_size, warmup=args.warmup, lrs=tuple(float(x) for x in args.lrs.split(",")),
         n_train=args.train_samples, n_val=args.val_samples, n_test=args.test_samples, n_base_eval=args.base_samples,
-        eval_draws=args.eval_draws, rank_signal=args.rank_signal, arms=arms, focus=args.focus,
+        eval_draws=args.eval_draws, rank_signal=args.rank_signal or DEFAULT_SIGNAL, arms=arms, focus=args.focus,
         inclusion=args.inclusion)
     spec = BaseSpec(num_layers=args.layers, hidden=args.hidden, steps=args.pretrain_steps, seed=args.base_seed,
                     law_seed=args.base_seed)

@@ -27,7 +27,7 @@ from sidestep.objective import flow_matching_loss, noise_like
 from sidestep.testing.tiny import tiny_config, write_original_checkpoint
 
 GOLDEN_V2 = Path(__file__).parent / "golden" / "sidestep_v2_fisher_map.json"
-SMALL = dict(base_rank=8, rank_min=4, rank_max=16, batches_per_run=4, runs=2)
+SMALL = dict(base_rank=8, rank_min=4, rank_max=16, batches_per_run=4, runs=2, probe_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,14 @@ def test_cuda_engine_matches_plain_grad_and_analysis_runs(entry, dataset_dir, pr
 
 
 def test_one_forward_and_backward_per_batch_and_state_restored(loaded, analysed):
-    assert analysed.outcome.result.total_batches == 8 and analysed.forward_calls == 8
+    # The hook analysis: one forward (and backward) per batch. The default probe adds its own passes, counted
+    # here so that its cost is pinned too: steps × batch training passes, then, per evaluation sample, one pass
+    # without the probe, one with it and one per module switched off.
+    probe = analysed.outcome.result.probe.settings
+    modules = len(targetable_modules(loaded.num_layers))
+    eval_items = min(probe.eval_samples, len(list(analysed.folder.glob("*.pt"))))
+    probe_passes = probe.steps * probe.batch + eval_items * (2 + modules)
+    assert analysed.outcome.result.total_batches == 8 and analysed.forward_calls == 8 + probe_passes
     assert not any(p.requires_grad for p in loaded.transformer.parameters())
     assert all(p.grad is None for p in loaded.transformer.parameters())
     assert not any(p._post_accumulate_grad_hooks for p in loaded.transformer.parameters())

@@ -16,7 +16,7 @@ from sidestep.testing.tiny import tiny_config, write_original_checkpoint
 from cli_support import run_cli as _main
 
 FAST = ["--rank", "8", "--rank-min", "4", "--rank-max", "16", "--batches-per-run", "3", "--runs", "2",
-        "--device", "cpu", "--precision", "fp32"]
+        "--device", "cpu", "--precision", "fp32", "--probe-steps", "3"]
 
 
 class _Tty(io.StringIO):
@@ -45,13 +45,16 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert "5e-5" in err  # the learning-rate advice
     # 3 batches per run cannot meet a patience of 5: the preview says the map is less certain
     assert "Runs 1, 2 of 2 did not converge" in err and "--batches-per-run" in err
-    # The need field: per-module noise-free need and its concentration, in the map, the preview and --json.
+    # The default signal is the probe: its settings, per-module scores and concentration, in the map, the preview
+    # and --json; the need field (per-module noise-free need) is still written beside it.
     data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
-    need = data["need"]
-    assert set(need["per_module"]) == {m for m in data["rank_pattern"]} | set(data["excluded_modules"])
-    assert 0 < need["top10_share"] <= 1 and summary["need_top10_share"] == need["top10_share"]
-    assert summary["need_spread_evenly"] == need["spread_evenly"]
-    assert ("The need is spread evenly" in err) or ("The need is concentrated" in err)
+    probe, need = data["probe"], data["need"]
+    assert data["rank_signal"] == "probe" and (probe["steps"], probe["lr"], probe["lr_used"]) == (3, 0.01, 0.01)
+    targetable = {m for m in data["rank_pattern"]} | set(data["excluded_modules"])
+    assert set(probe["per_module"]) == set(need["per_module"]) == targetable
+    assert 0 < probe["top10_share"] <= 1 and summary["top10_share"] == probe["top10_share"]
+    assert summary["spread_evenly"] == probe["spread_evenly"] and summary["concentration_measure"] == "probe loss rise"
+    assert ("The probe loss rise is spread evenly" in err) or ("The probe loss rise is concentrated" in err)
 
 
 def test_probe_signal_runs_the_probe_with_the_given_steps_and_lr(monkeypatch, capsys, checkpoint_root, dataset_dir):
@@ -71,6 +74,7 @@ def test_need_signal_water_fills_the_flat_budget(monkeypatch, capsys, checkpoint
     assert code == 0, err
     data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
     assert data["rank_signal"] == "need" and data["budget_mode"] == "flat"
+    assert "probe" not in data and json.loads(out)["concentration_measure"] == "need"  # no probe run: need reports
     step = data["rank_step"]
     for name in data["rank_pattern"]:
         assert data["rank_budget"]["min"] <= data["rank_pattern"][name] <= data["rank_budget"]["max"]

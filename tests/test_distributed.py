@@ -43,7 +43,8 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
 CPU = resolve_runtime("cpu", "fp32", False)
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TRAIN = dict(rank=4, lr=1e-3, warmup_steps=0, seed=3, max_steps=4, save_every=1)  # 4 samples, batch 1
-ANALYZE = dict(seed=2, runs=2, batches_per_run=7, convergence_patience=1, base_rank=8, rank_min=4, rank_max=16)
+ANALYZE = dict(seed=2, runs=2, batches_per_run=7, convergence_patience=1, base_rank=8, rank_min=4, rank_max=16,
+               probe_steps=3)
 
 WATCHER = '''
 import builtins, io, os
@@ -173,7 +174,7 @@ def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
     choice, dataset, _ = tiny
     two = tmp_path / "two.json"
     flags = ["--seed", "2", "--runs", "2", "--batches-per-run", "7", "--convergence-patience", "1",
-             "--rank", "8", "--rank-min", "4", "--rank-max", "16"]
+             "--rank", "8", "--rank-min", "4", "--rank-max", "16", "--probe-steps", "3"]
     _, streams, events = _torchrun(tiny, tmp_path, "analyze", "--dataset-dir", str(dataset), "--output", str(two),
                                    "--yes", "--json", *flags)
     _only_rank0_wrote(streams, events)
@@ -189,6 +190,10 @@ def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
     assert got.extra["need"]["top10_share"] == pytest.approx(one.extra["need"]["top10_share"], rel=1e-4)
     for name, entry in one.extra["need"]["per_module"].items():
         assert got.extra["need"]["per_module"][name]["need"] == pytest.approx(entry["need"], rel=1e-3, abs=1e-12)
+    # the default map is sized by the probe, which every process computes whole (same seed, same answer)
+    assert got.rank_signal == "probe"
+    for name, entry in one.extra["probe"]["per_module"].items():  # equal up to float summation order
+        assert got.extra["probe"]["per_module"][name]["score"] == pytest.approx(entry["score"], rel=1e-3, abs=1e-9)
     ours = {m.name: m for m in got.modules}
     for m in one.modules:
         assert ours[m.name].fisher_score == pytest.approx(m.fisher_score, rel=1e-5)

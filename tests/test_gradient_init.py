@@ -33,7 +33,7 @@ from sidestep.training.run import train
 from train_support import forward, tiny_setup
 
 RUNTIME = resolve_runtime("cpu", "fp32", False)
-SMALL = dict(base_rank=4, rank_min=2, rank_max=8, batches_per_run=3, runs=1, weight_rank=False)
+SMALL = dict(base_rank=4, rank_min=2, rank_max=8, batches_per_run=3, runs=1, weight_rank=False, probe_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,9 @@ def test_writing_the_init_adds_no_forward_pass(tiny, tmp_path):
         calls = []
         handle = loaded.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
         try:
-            out = analyze_dataset(AnalysisConfig(dataset_dir=data, write_init=write, **SMALL), choice, RUNTIME,
-                                  loader=lambda _e, _r: loaded)
+            # the hook signal alone: the probe's passes (counted in test_analysis_engine) are not the init's
+            config = AnalysisConfig(dataset_dir=data, write_init=write, **{**SMALL, "rank_signal": "data"})
+            out = analyze_dataset(config, choice, RUNTIME, loader=lambda _e, _r: loaded)
         finally:
             handle.remove()
         assert (out.init_path is not None) == write

@@ -1,11 +1,12 @@
-"""The planted benchmark end to end at toy sizes, and the differential control of the need signal.
+"""The planted benchmark end to end at toy sizes, and the differential control of the probe and the need.
 
-The control: the analysis on samples the planted base draws itself must find a less concentrated need than on
-the planted task, the same data analysed with two seeds must agree, and two different plants must give
-different need maps. Only the second holds today. The need is still dominated by the model's own sensitivity
-(bench/README.md "Planted"): two plants agree at Spearman 0.80–0.93 in the full benchmark (a strict xfail, so the
-day it passes the marker must go), and the own-samples contrast is on the edge, so it is a non-strict xfail that
-records the target.
+The control: the analysis on samples the planted base draws itself must find a less concentrated measure than
+on the planted task, the same data analysed with two seeds must agree, and two different plants must give
+different maps. For the need only the seed agreement holds: it is still dominated by the model's own
+sensitivity (bench/README.md "Planted": two plants agree at Spearman 0.80–0.93 in the full benchmark). For the
+probe, the default signal, it is the other way round: two plants differ in the full benchmark, but two seeds
+do not agree. Strict xfails mark what fails deterministically, so the day one passes its marker must go;
+non-strict ones record targets that sit within noise.
 """
 
 from __future__ import annotations
@@ -51,21 +52,39 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
         assert cell["arms"]["flat"]["planted_recall"] == 1.0
         assert set(cell["precision_top_S"]) == {"data", "need"}
     assert summary["arms"]["oracle"]["distill"]["mean"] < 1.0  # the oracle moves towards the teacher
-    control = summary["differential_control"]
-    assert len(control["own_samples_top10_share"]) == 2 and len(control["planted_top10_share"]) == 4
+    for measure in ("probe", "need"):  # the default map's measure, and the need the analysis writes beside it
+        control = summary["differential_control"][measure]
+        assert len(control["own_samples_top10_share"]) == 2 and len(control["planted_top10_share"]) == 4
     assert "| arm |" in (tmp / "table.md").read_text()
 
 
 @pytest.mark.xfail(strict=False, reason="open (issue 18): the contrast is within noise (fails at 24 samples)")
 def test_need_is_less_concentrated_on_the_models_own_samples(quick_run):
-    control = quick_run[0]["differential_control"]
-    assert control["own_below_every_planted"]
+    assert quick_run[0]["differential_control"]["need"]["own_below_every_planted"]
 
 
-def test_two_seeds_of_the_same_data_agree(quick_run):
-    assert min(quick_run[0]["differential_control"]["spearman_same_data_two_seeds"]) >= 0.95
+def test_two_seeds_of_the_same_data_give_the_same_need(quick_run):
+    assert min(quick_run[0]["differential_control"]["need"]["spearman_same_data_two_seeds"]) >= 0.95
 
 
 @pytest.mark.xfail(strict=True, reason="open (issue 18): the need map still describes the model more than the plant")
 def test_two_plants_give_different_need_maps(quick_run):
-    assert max(quick_run[0]["differential_control"]["spearman_two_plants"]) <= 0.5
+    assert max(quick_run[0]["differential_control"]["need"]["spearman_two_plants"]) <= 0.5
+
+
+# The probe (the default signal). Full benchmark, 40 steps: two plants 0.03–0.44 (met), two seeds 0.34–0.68, own
+# samples 0.77–0.85 against 0.75–0.96 planted. At these toy sizes two plants still agree at 0.59.
+@pytest.mark.xfail(strict=True, reason="open (issue 18): which stand-in module takes the probe's fix depends on "
+                                       "its seed, so the low-score tail reorders")
+def test_two_seeds_of_the_same_data_give_the_same_probe_map(quick_run):
+    assert min(quick_run[0]["differential_control"]["probe"]["spearman_same_data_two_seeds"]) >= 0.95
+
+
+@pytest.mark.xfail(strict=True, reason="met in the full benchmark (max 0.44), not at toy sizes (0.59)")
+def test_two_plants_give_different_probe_maps(quick_run):
+    assert max(quick_run[0]["differential_control"]["probe"]["spearman_two_plants"]) <= 0.5
+
+
+@pytest.mark.xfail(strict=False, reason="open (issue 18): own samples 0.77–0.85 vs planted 0.75–0.96 in the full run")
+def test_probe_is_less_concentrated_on_the_models_own_samples(quick_run):
+    assert quick_run[0]["differential_control"]["probe"]["own_below_every_planted"]

@@ -9,6 +9,7 @@ comes back exactly as it was.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,10 +37,10 @@ def files(loaded, _dataset_template):
     return list(scan_dataset(_dataset_template, DatasetSpec.from_model_config(loaded.entry.config)).files)
 
 
-def _probe(loaded, files, seed=0, settings=QUICK, should_stop=None):
+def _probe(loaded, files, seed=0, settings=QUICK, should_stop=None, on_progress=None):
     names = targetable_modules(loaded.num_layers)
     spec = DatasetSpec.from_model_config(loaded.entry.config)
-    return measure_probe(loaded, names, files, spec, settings, seed, should_stop)
+    return measure_probe(loaded, names, files, spec, settings, seed, should_stop, on_progress)
 
 
 def test_scores_are_the_ablation_rise_per_rank_step_cost(loaded, files):
@@ -110,3 +111,20 @@ def test_probe_settings_are_validated(tmp_path):
         AnalysisConfig(dataset_dir=tmp_path, probe_steps=0)
     with pytest.raises(ConfigError, match="--probe-lr"):
         AnalysisConfig(dataset_dir=tmp_path, probe_lr=2.0)
+
+
+def test_progress_counts_the_training_steps_then_the_ablated_modules(loaded, files):
+    seen = []
+    _probe(loaded, files, on_progress=lambda done, total: seen.append((done, total)))
+    names = targetable_modules(loaded.num_layers)
+    total = QUICK.steps + len(names)
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert [d for d, _ in seen] == list(range(QUICK.steps)) + list(range(QUICK.steps + 1, total + 1))
+
+
+def test_a_probe_that_learns_nothing_is_retried_at_a_tenth_of_the_lr_then_refused(loaded, files):
+    seen = []
+    with pytest.raises(ConfigError, match=r"--probe-lr 0\.01 nor at 0\.001.*--rank-signal data"):
+        _probe(loaded, files, settings=replace(QUICK, steps=0), on_progress=lambda d, t: seen.append((d, t)))
+    assert seen == []  # neither attempt had a step to train nor a probe worth ablating
+    assert _probe(loaded, files).lr_used == QUICK.lr  # a probe that learns keeps its rate

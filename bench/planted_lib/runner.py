@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from sidestep.analysis.config import AnalysisConfig, RankSignal
+from sidestep.analysis.fisher_map import FisherMap, concentrations
 from sidestep.analysis.run import analyze_dataset, build_map, signal_scores, with_probe
 from sidestep.data import DatasetSpec, scan_dataset
 from sidestep.data.dataset import collate
@@ -44,7 +45,7 @@ class CellConfig:
     lrs: tuple[float, ...]
     signals: tuple[str, ...] = SIGNALS
     arms: tuple[str, ...] | None = None  # train only these arms (flat always); None = all
-    probe_lr: float = 1e-2  # --rank-signal probe: the probe trains at the LR this task's arms train at
+    probe_lr: float | None = None  # --rank-signal probe at another LR than the tool's default; None = the default
 
 
 @dataclass
@@ -103,9 +104,11 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     arms["oracle"] = matched_arm("oracle", _scaled(plant.ranks, target, shapes), shapes, b, target)
     arms["planted_equal"] = matched_arm("planted_equal", _scaled(dict.fromkeys(plant.ranks, 1), target, shapes),
                                         shapes, b, target)
-    if RankSignal.PROBE.value in cfg.signals:  # the probe is a training run of its own, charged separately
-        result = with_probe(replace(acfg, rank_signal=RankSignal.PROBE, probe_lr=cfg.probe_lr), loaded, result, scan)
-        log(f"  probe {result.probe.seconds:.1f}s")
+    if RankSignal.PROBE.value in cfg.signals and (result.probe is None or cfg.probe_lr is not None):
+        probe_cfg = replace(acfg, rank_signal=RankSignal.PROBE, probe_lr=cfg.probe_lr or acfg.probe_lr)
+        result = with_probe(probe_cfg, loaded, result, scan)
+    if result.probe is not None:  # the probe is a training run of its own, charged separately
+        log(f"  probe {result.probe.seconds:.1f}s at lr {result.probe.lr_used:g}")
     precision, maps = {}, {}
     for signal in cfg.signals:
         fmap, _ = build_map(replace(acfg, rank_signal=signal), loaded, result, scan)
@@ -121,11 +124,9 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     default = arms[f"map_{DEFAULT_SIGNAL}"] if f"map_{DEFAULT_SIGNAL}" in arms else arms[f"map_{cfg.signals[0]}"]
     arms["control"] = matched_arm("control", permuted(default.ranks, seed), shapes, b, target,
                                   notes=("ranks of the default map shuffled over the same modules",))
-    need = outcome.map.extra.get("need", {})
     info = {"plant": plant.spec.seed, "seed": seed, "analysis_seconds": analysis_seconds, "flat_params": target,
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
-            "precision_top_S": precision, "need_top10_share": need.get("top10_share"),
-            "need_per_param": {n: v["need_per_param"] for n, v in need.get("per_module", {}).items()},
+            "precision_top_S": precision, "concentration": concentration_record(outcome.map),
             "arms": {k: {"params": a.params, "modules": len(a.ranks),
                          "planted_param_share": _planted_share(a, planted, shapes),
                          "planted_recall": len(planted & set(a.ranks)) / len(planted), "notes": list(a.notes)}
@@ -140,6 +141,12 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         records.append(_train_arm(key, arm, folder, data, seed, choice, loaded, runtime, cfg, cell / key,
                                   teacher_out, base_out, log) | {"plant": plant.spec.seed})
     return records, info
+
+
+def concentration_record(fmap: FisherMap) -> dict[str, dict]:
+    """Per measure the map records (probe, need): its top-10% share and per-module value per parameter."""
+    return {field: {"top10_share": c.top10_share, "per_param": dict(c.per_module)}
+            for field, c in concentrations(fmap).items()}
 
 
 def _scaled(weights: dict[str, int], target: int, shapes) -> dict[str, int]:

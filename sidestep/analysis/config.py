@@ -46,7 +46,7 @@ class AnalysisConfig:
     budget: BudgetMode = field(default=BudgetMode.MEDIAN, metadata={"help": "median: median rank = --rank; flat: "
                                                                     "total parameters = flat LoRA at --rank."})
     alpha_ratio: float = field(default=2.0, metadata={"help": "alpha = ratio × rank."})
-    rank_signal: RankSignal = field(default=RankSignal.DATA, metadata={"help": "Second factor of the rank size."})
+    rank_signal: RankSignal = field(default=RankSignal.PROBE, metadata={"help": "What selects and sizes the modules."})
     runs: int | None = field(default=None, metadata={"help": "Estimation runs (default 2 if <= 10 samples, else 3)."})
     batches_per_run: int | None = field(default=None, metadata={"help": "Batches per run (default: up to 50 samples)."})
     convergence_patience: int = field(default=5, metadata={"help": "Stop a run once stable for this many batches."})
@@ -63,7 +63,7 @@ class AnalysisConfig:
                                                      "init bases) beside the map."})
     probe_steps: int = field(default=40, metadata={"help": "--rank-signal probe: training steps of the flat LoRA probe."})
     probe_rank: int = field(default=8, metadata={"help": "--rank-signal probe: rank of the probe on every module."})
-    probe_lr: float = field(default=1e-3, metadata={"help": "--rank-signal probe: learning rate of the probe (Adam)."})
+    probe_lr: float = field(default=1e-2, metadata={"help": "--rank-signal probe: learning rate of the probe (Adam)."})
     focus_label: str = field(init=False, default="balanced")
     focus_range: tuple[float, float] = field(init=False, default=(0.0, 1.0))
 

@@ -25,7 +25,7 @@ from sidestep.fileio import backup_existing, write_json_atomic
 __all__ = [
     "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
-    "NEED_FIELD", "PROBE_FIELD", "TURBO_MAP_ADVICE", "NeedSummary", "need_summary",
+    "NEED_FIELD", "PROBE_FIELD", "TURBO_MAP_ADVICE", "Concentration", "concentration_summary", "concentrations",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
@@ -555,29 +555,41 @@ PROBE_FIELD = "probe"  # optional, written by --rank-signal probe: the probe's s
 
 
 @dataclass(frozen=True, slots=True)
-class NeedSummary:
-    """How concentrated the dataset's need is (the map's optional `need` field; docs/fisher-map.md).
+class Concentration:
+    """How concentrated the dataset's demand on the modules is (the map's `probe` or `need` field; docs/fisher-map.md).
 
     Args:
-        top10_share: share of the total need per parameter held by the top 10% of modules (0.10 = even).
+        measure: what is concentrated: "probe loss rise" (maps sized by the probe) or "need".
+        top10_share: share of the total, per parameter, held by the top 10% of modules (0.10 = even).
         spread_evenly: True when that share is low enough that a flat LoRA should do as well.
-        per_module: original module name -> unbiased need per rank-1 LoRA parameter.
+        per_module: original module name -> the measure per rank-1 LoRA parameter.
     """
 
+    measure: str
     top10_share: float
     spread_evenly: bool
     per_module: dict[str, float]
 
 
-def need_summary(fmap: FisherMap) -> NeedSummary | None:
-    """The map's `need` field, or None when it has none (older maps, or an analysis without sketches).
+def concentration_summary(fmap: FisherMap) -> Concentration | None:
+    """The map's concentration: from its `probe` field when it has one (the default signal), else its `need` field;
+    None when it has neither (older maps, or an analysis without sketches).
 
-    It travels in `FisherMap.extra`, so maps without it read exactly as before; a malformed one counts as absent.
+    Both travel in `FisherMap.extra`, so maps without them read exactly as before; a malformed one counts as absent.
     """
-    raw = fmap.extra.get(NEED_FIELD)
-    try:
-        share = float(raw["top10_share"])
-        modules = {str(k): float(v["need_per_param"]) for k, v in raw["per_module"].items()}
-        return NeedSummary(share, bool(raw["spread_evenly"]), modules)
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return None
+    found = concentrations(fmap)
+    return next(iter(found.values()), None)
+
+
+def concentrations(fmap: FisherMap) -> dict[str, Concentration]:
+    """Every concentration the map records, keyed by field ("probe" first, then "need"); malformed ones left out."""
+    found = {}
+    for field, measure, key in ((PROBE_FIELD, "probe loss rise", "score"), (NEED_FIELD, "need", "need_per_param")):
+        raw = fmap.extra.get(field)
+        try:
+            share = float(raw["top10_share"])
+            modules = {str(k): float(v[key]) for k, v in raw["per_module"].items()}
+            found[field] = Concentration(measure, share, bool(raw["spread_evenly"]), modules)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            continue
+    return found

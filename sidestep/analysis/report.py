@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sidestep.analysis.engine import AnalysisResult
-from sidestep.analysis.fisher_map import FisherMap, NeedSummary, need_summary
+from sidestep.analysis.fisher_map import Concentration, FisherMap, concentration_summary
 from sidestep.analysis.modules import PROJECTIONS, Category, category_of, layer_of, suffix_of
 
 __all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "render_png"]
@@ -50,15 +50,16 @@ class Preview:
     flat_equivalent_params: int
     cross_run_spearman: float | None
     runs: tuple[tuple[int, int, float | None, bool], ...]  # (run, batches, final spearman, converged)
-    need: NeedSummary | None = None  # how concentrated the need is; None for maps without it
+    need: Concentration | None = None  # how concentrated the demand is; None for maps without it
 
 
-def concentration_sentence(need: NeedSummary) -> str:
-    """The plain sentence the preview prints about the need's concentration."""
+def concentration_sentence(need: Concentration) -> str:
+    """The plain sentence the preview prints about how concentrated the demand is."""
     share = f"the top 10% of modules hold {need.top10_share:.0%} of it"
     if need.spread_evenly:
-        return f"The need is spread evenly over the modules ({share}): a flat LoRA will likely do as well on this dataset."
-    return f"The need is concentrated: {share}."
+        return (f"The {need.measure} is spread evenly over the modules ({share}): a flat LoRA will likely do as well "
+                "on this dataset.")
+    return f"The {need.measure} is concentrated: {share}."
 
 
 def build_preview(fmap: FisherMap) -> Preview:
@@ -88,7 +89,7 @@ def build_preview(fmap: FisherMap) -> Preview:
         flat_equivalent_params=fmap.flat_equivalent_params or 0,
         cross_run_spearman=convergence.cross_run_spearman if convergence else None,
         runs=tuple((r.run, r.batches, r.final_spearman, r.converged) for r in convergence.runs) if convergence else (),
-        need=need_summary(fmap),
+        need=concentration_summary(fmap),
     )
 
 

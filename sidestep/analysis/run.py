@@ -122,7 +122,7 @@ def analyze_dataset(
         loaded = loader(entry, runtime)
         result = run_analysis(config, loaded, scan.files, on_progress, should_stop)
         if config.rank_signal is RankSignal.PROBE:
-            result = with_probe(config, loaded, result, scan, should_stop)
+            result = with_probe(config, loaded, result, scan, should_stop, on_progress)
     except KeyboardInterrupt:
         raise Interrupted("Analysis interrupted; nothing was written.") from None
     fmap, allocation = build_map(config, loaded, result, scan)
@@ -190,13 +190,23 @@ def build_map(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResul
 
 
 def with_probe(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResult, scan: DatasetScan,
-               should_stop: Callable[[], bool] | None = None) -> AnalysisResult:
-    """The result with the probe's ablation scores (`--rank-signal probe`), measured on the same dataset."""
+               should_stop: Callable[[], bool] | None = None,
+               on_progress: Callable[[Progress], None] | None = None) -> AnalysisResult:
+    """The result with the probe's ablation scores (`--rank-signal probe`), measured on the same dataset.
+
+    Progress: phase "probe" over the training steps, then "probe-ablation" over the modules; `done` of `total`
+    counts both.
+    """
+    report = None
+    if on_progress is not None and _is_main_process():
+        def report(done: int, total: int) -> None:
+            phase = "probe" if done <= config.probe_steps else "probe-ablation"
+            on_progress(Progress(phase, 1, 1, done, total, done, total))
     settings = ProbeSettings(steps=config.probe_steps, rank=config.probe_rank, lr=config.probe_lr,
                              scale=float(config.alpha_ratio))
     spec = DatasetSpec.from_model_config(loaded.entry.config)
     probe = measure_probe(loaded, [m.name for m in result.modules], list(scan.files), spec, settings, config.seed,
-                          should_stop)
+                          should_stop, report)
     return replace(result, probe=probe)
 
 
@@ -248,9 +258,11 @@ def _probe_field(result: AnalysisResult) -> dict:
     if probe is None:
         return {}
     s = probe.settings
+    share = concentration(probe.scores)
     return {PROBE_FIELD: {
-        "steps": s.steps, "rank": s.rank, "lr": s.lr, "seconds": round(probe.seconds, 3),
+        "steps": s.steps, "rank": s.rank, "lr": s.lr, "lr_used": probe.lr_used,  # no time: same seed, same map
         "loss_before": probe.loss_before, "loss_probed": probe.loss_probed,
+        "top10_share": round(share, 6), "spread_evenly": share < SPREAD_EVENLY_BELOW,
         "per_module": {n: {"loss_rise": probe.rise[n], "score": probe.scores[n]} for n in probe.scores},
     }}
 

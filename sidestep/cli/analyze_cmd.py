@@ -43,7 +43,7 @@ from sidestep.cli.options import (
     WeightRankOpt,
     YesOpt,
 )
-from sidestep.analysis.fisher_map import need_summary
+from sidestep.analysis.fisher_map import concentration_summary
 from sidestep.errors import ConfigError
 
 __all__ = ["analyze", "summary_json"]
@@ -72,9 +72,9 @@ def analyze(
     json: JsonOpt = False,
     budget: BudgetOpt = "median",
     alpha_ratio: AlphaRatioOpt = 2.0,
-    rank_signal: RankSignalOpt = "data",
+    rank_signal: RankSignalOpt = "probe",
     probe_steps: ProbeStepsOpt = 40,
-    probe_lr: ProbeLrOpt = 1e-3,
+    probe_lr: ProbeLrOpt = 1e-2,
     allow_turbo: AllowTurboOpt = False,
     gradient_checkpointing: GradientCheckpointingOpt = None,
     skip_bad: SkipBadOpt = False,
@@ -94,11 +94,12 @@ def analyze(
         v = recipe.values
         (dataset_dir, timestep_focus, rank, rank_min, rank_max, convergence_patience, checkpoint_dir, model,
          base_variant, yes, seed, runs, batches_per_run, device, precision, output_path, budget, alpha_ratio,
-         rank_signal, allow_turbo, gradient_checkpointing, skip_bad, weight_rank, no_init) = (
+         rank_signal, allow_turbo, gradient_checkpointing, skip_bad, weight_rank, no_init, probe_steps, probe_lr) = (
             v[k] for k in ("dataset_dir", "timestep_focus", "rank", "rank_min", "rank_max", "convergence_patience",
                            "checkpoint_dir", "model", "base_variant", "yes", "seed", "runs", "batches_per_run",
                            "device", "precision", "output_path", "budget", "alpha_ratio", "rank_signal",
-                           "allow_turbo", "gradient_checkpointing", "skip_bad", "weight_rank", "no_init"))
+                           "allow_turbo", "gradient_checkpointing", "skip_bad", "weight_rank", "no_init",
+                           "probe_steps", "probe_lr"))
 
     if dataset_dir is None:
         raise ConfigError("--dataset-dir is required: the folder of preprocessed .pt files to analyse.")
@@ -154,6 +155,9 @@ class _ProgressBar:
                              total=p.total, rho=rho)
         elif p.phase == "weight-rank":
             self._bar.update(self._task, description="Weight SVDs", rho="")
+        elif p.phase in ("probe", "probe-ablation"):
+            label = "LoRA probe" if p.phase == "probe" else "Probe ablation"
+            self._bar.update(self._task, description=label, completed=p.done, total=p.total, rho="")
 
     def stop(self) -> None:
         self._bar.stop()
@@ -177,7 +181,7 @@ def summary_json(outcome) -> dict[str, Any]:
     """The machine-readable summary printed by --json."""
     fmap = outcome.map
     ranks = sorted(fmap.rank_pattern.values())
-    need = need_summary(fmap)
+    need = concentration_summary(fmap)
     return {
         "saved": outcome.saved,
         "path": str(outcome.path) if outcome.path else None,
@@ -195,8 +199,9 @@ def summary_json(outcome) -> dict[str, Any]:
         "total_batches": fmap.total_batches,
         "cross_run_spearman": fmap.convergence.cross_run_spearman if fmap.convergence else None,
         "low_confidence_modules": list(fmap.low_confidence_modules),
-        "need_top10_share": need.top10_share if need else None,
-        "need_spread_evenly": need.spread_evenly if need else None,
+        "concentration_measure": need.measure if need else None,
+        "top10_share": need.top10_share if need else None,
+        "spread_evenly": need.spread_evenly if need else None,
         "warnings": list(outcome.warnings),
         "skipped": list(outcome.skipped),
         "seconds": round(outcome.result.seconds, 3),

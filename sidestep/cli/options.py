@@ -102,17 +102,18 @@ BudgetOpt = Annotated[
 AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.",
                                               rich_help_panel=ADVANCED)]
 RankSignalOpt = Annotated[
-    str, typer.Option("--rank-signal", help="What sizes each module's rank: data (gradient sketch rank), fisher "
-                                            "(score only), weight (reference's weight SVD), grad-energy, need "
-                                            "(noise-free mean gradient; water-filling under --budget flat), or probe "
-                                            "(a short LoRA probe ablated per module; the only one that wins on the "
-                                            "planted benchmark; costs extra time).",
+    str, typer.Option("--rank-signal", help="What selects and sizes the modules: probe (default: a short LoRA probe "
+                                            "switched off per module; the only one that wins on the planted "
+                                            "benchmark), need (noise-free mean gradient; water-filling under "
+                                            "--budget flat), data (gradient sketch rank), fisher (score only), "
+                                            "weight (reference's weight SVD) or grad-energy.",
                                             rich_help_panel=ADVANCED)
 ]
 ProbeStepsOpt = Annotated[int, typer.Option("--probe-steps", help="--rank-signal probe: training steps of the probe.",
                                              rich_help_panel=ADVANCED)]
-ProbeLrOpt = Annotated[float, typer.Option("--probe-lr", help="--rank-signal probe: the probe's learning rate (use about "
-                                           "the one you will train at, or higher).", rich_help_panel=ADVANCED)]
+ProbeLrOpt = Annotated[float, typer.Option("--probe-lr", help="--rank-signal probe: the probe's learning rate (Adam; "
+                                           "retried once at a tenth if the probe does not learn).",
+                                           rich_help_panel=ADVANCED)]
 AllowTurboOpt = Annotated[
     bool, typer.Option("--allow-turbo", help="Analyse a turbo model anyway (Preprocessing++ can destabilise turbo training).",
                        rich_help_panel=ADVANCED)
