@@ -91,6 +91,7 @@ def test_analyze_with_the_probe_signal_sizes_the_map_from_the_probe_and_records_
     outcome = analyze_dataset(config, loaded.entry, loaded.runtime, loader=lambda _e, _r: loaded)
     fmap = read_map(outcome.path)
     assert fmap.rank_signal == RankSignal.PROBE.value
+    assert outcome.result.seconds > outcome.result.probe.seconds > 0  # the reported time includes the probe
     field = fmap.extra[PROBE_FIELD]
     assert (field["steps"], field["rank"], field["lr"]) == (4, 4, 1e-2)
     scores = {n: v["score"] for n, v in field["per_module"].items()}

@@ -207,7 +207,7 @@ def with_probe(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResu
     spec = DatasetSpec.from_model_config(loaded.entry.config)
     probe = measure_probe(loaded, [m.name for m in result.modules], list(scan.files), spec, settings, config.seed,
                           should_stop, report)
-    return replace(result, probe=probe)
+    return replace(result, probe=probe, seconds=result.seconds + probe.seconds)  # the analysis's time is both
 
 
 def signal_scores(kind: RankSignal, result: AnalysisResult) -> dict[str, float]:
