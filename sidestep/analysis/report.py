@@ -50,16 +50,16 @@ class Preview:
     flat_equivalent_params: int
     cross_run_spearman: float | None
     runs: tuple[tuple[int, int, float | None, bool], ...]  # (run, batches, final spearman, converged)
-    need: Concentration | None = None  # how concentrated the demand is; None for maps without it
+    concentration: Concentration | None = None  # how concentrated the demand is; None for maps without it
 
 
-def concentration_sentence(need: Concentration) -> str:
+def concentration_sentence(c: Concentration) -> str:
     """The plain sentence the preview prints about how concentrated the demand is."""
-    share = f"the top 10% of modules hold {need.top10_share:.0%} of it"
-    if need.spread_evenly:
-        return (f"The {need.measure} is spread evenly over the modules ({share}): a flat LoRA will likely do as well "
+    share = f"the top 10% of modules hold {c.top10_share:.0%} of it"
+    if c.spread_evenly:
+        return (f"The {c.measure} is spread evenly over the modules ({share}): a flat LoRA will likely do as well "
                 "on this dataset.")
-    return f"The {need.measure} is concentrated: {share}."
+    return f"The {c.measure} is concentrated: {share}."
 
 
 def build_preview(fmap: FisherMap) -> Preview:
@@ -89,7 +89,7 @@ def build_preview(fmap: FisherMap) -> Preview:
         flat_equivalent_params=fmap.flat_equivalent_params or 0,
         cross_run_spearman=convergence.cross_run_spearman if convergence else None,
         runs=tuple((r.run, r.batches, r.final_spearman, r.converged) for r in convergence.runs) if convergence else (),
-        need=concentration_summary(fmap),
+        concentration=concentration_summary(fmap),
     )
 
 

@@ -46,8 +46,8 @@ def print_preview(preview) -> None:
         output.warn(f"Run{'s' if len(unsettled) > 1 else ''} {which} of {len(preview.runs)} did not converge: the "
                     "module ranking was still changing when the batches ran out, so this map is less certain. More "
                     "batches per run (--batches-per-run) or more songs steady it.")
-    if preview.need is not None:
-        console.print(concentration_sentence(preview.need))
+    if preview.concentration is not None:
+        console.print(concentration_sentence(preview.concentration))
     if preview.low_confidence:
         shown = ", ".join(preview.low_confidence[:8]) + (" …" if len(preview.low_confidence) > 8 else "")
         output.warn(f"{len(preview.low_confidence)} low-confidence module(s) (cross-run std > 50% of the score): {shown}")
