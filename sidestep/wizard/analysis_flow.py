@@ -16,6 +16,7 @@ from sidestep.errors import SidestepError
 from sidestep.objective import Focus, parse_focus
 from sidestep.wizard.asker import Asker, Back, Option
 from sidestep.wizard.common import Answers, Session, ask_dataset, ask_model, ask_preset, seconds_text
+from sidestep.wizard.fields import problem_of
 from sidestep.wizard.steps import Step, default_of, run_steps
 
 __all__ = ["analysis_flow", "build_config", "summary_table", "PRESET_FIELDS_USED"]
@@ -84,11 +85,7 @@ def _ask_focus(asker: Asker, answers: Answers) -> str:
 
 def _ask_custom_focus(asker: Asker, answers: Answers) -> str:
     def check(text: str) -> str | None:
-        try:
-            parse_focus(text)
-        except SidestepError as err:
-            return str(err)
-        return None
+        return problem_of(lambda: parse_focus(text))
 
     text = asker.text("Custom range LOW,HIGH of t in [0, 1] (e.g. 0.2,0.7)", default=answers.get("custom_focus", ""),
                       validate=check)
@@ -108,11 +105,7 @@ def _rank_question(key: str, message: str):
                 trial.update(rank_min=1, rank_max=value)
             elif key == "rank_min":
                 trial["rank_max"] = trial["base_rank"]
-            try:
-                build_config(trial)
-            except SidestepError as err:
-                return str(err)
-            return None
+            return problem_of(lambda: build_config(trial))
 
         lo, hi = 1, 4096
         if key == "rank_min":

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping
 from sidestep import settings
 from sidestep.errors import SidestepError
 from sidestep.wizard.asker import Asker, Option
+from sidestep.wizard.fields import problem_of
 from sidestep.wizard.presets import list_presets, overlapping
 
 __all__ = [
@@ -185,12 +186,7 @@ def ask_optional_file(asker: Asker, question: str, previous: Any, read: Callable
     the question asked again."""
 
     def check(raw: str) -> str | None:
-        try:
-            if raw.strip():
-                read(Path(raw.strip()).expanduser())
-        except SidestepError as err:
-            return str(err)
-        return None
+        return problem_of(lambda: read(Path(raw.strip()).expanduser())) if raw.strip() else None
 
     raw = asker.text(question, default="" if previous is None else str(previous), validate=check).strip()
     return Path(raw).expanduser() if raw else None

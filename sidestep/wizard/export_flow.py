@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from sidestep.errors import SidestepError
 from sidestep.wizard.asker import Asker, Back, Option
 from sidestep.wizard.common import Answers, Session
+from sidestep.wizard.fields import problem_of
 from sidestep.wizard.steps import Step, run_steps
 
 __all__ = ["export_flow", "FORMAT_OPTIONS"]
@@ -56,11 +57,7 @@ def _ask_source(asker: Asker, answers: Answers) -> Path:
     from sidestep.training.export import adapter_source
 
     def check(folder: Path) -> str | None:
-        try:
-            adapter_source(folder)
-        except SidestepError as err:
-            return str(err)
-        return None
+        return problem_of(lambda: adapter_source(folder))
 
     return asker.folder("Trained adapter (a training output folder or an adapter folder)", default=answers.get("src"),
                         validate=check)

@@ -16,7 +16,7 @@ from sidestep.errors import SidestepError
 from sidestep.wizard.asker import Asker
 from sidestep.wizard.steps import help_of
 
-__all__ = ["ask_field", "config_problem", "field_kind"]
+__all__ = ["ask_field", "field_kind", "problem_of"]
 
 NONE_WORDS = ("", "none", "-")
 
@@ -127,10 +127,12 @@ def _label(name: str) -> str:
     return _LABELS.get(name, name.replace("_", " ").capitalize())
 
 
-def config_problem(build: Callable[[], Any]) -> str | None:
-    """Run a config constructor; its SidestepError sentence, or None when it builds."""
+def problem_of(call: Callable[[], Any]) -> str | None:
+    """Run `call` (a config constructor, a reader, a check); its SidestepError sentence, or None when it passes.
+
+    The shape every wizard validator needs: the library's own one-sentence error, shown under the question."""
     try:
-        build()
+        call()
     except SidestepError as err:
         return str(err)
     return None

@@ -8,7 +8,7 @@ from typing import Any
 from sidestep.errors import SidestepError
 from sidestep.wizard.asker import Asker
 from sidestep.wizard.common import Answers, Session
-from sidestep.wizard.fields import config_problem
+from sidestep.wizard.fields import problem_of
 from sidestep.wizard.steps import Step, run_steps
 
 __all__ = ["preprocess_flow", "preprocess_songs", "build_preprocess_config"]
@@ -84,7 +84,7 @@ def _ask_dataset_json(asker: Asker, answers: Answers) -> Path | None:
         if text.strip().lower() in ("", "none"):
             return None
         path = Path(text.strip()).expanduser()
-        return config_problem(lambda: build_preprocess_config({**answers, "dataset_json": path}))
+        return problem_of(lambda: build_preprocess_config({**answers, "dataset_json": path}))
 
     previous = answers.get("dataset_json")
     text = asker.text("Dataset JSON with captions/lyrics (optional; Enter or none = sidecar files or defaults)",

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from sidestep import settings
-from sidestep.errors import SidestepError
 from sidestep.wizard.asker import Asker, Back, Option
 from sidestep.wizard.common import Answers, model_option
+from sidestep.wizard.fields import problem_of
 from sidestep.wizard.steps import Step, help_of, run_steps
 
 __all__ = ["first_run_setup", "settings_flow"]
@@ -64,11 +64,7 @@ def _ask_checkpoint_dir(asker: Asker, answers: Answers) -> Path:
     from sidestep.models.discovery import require_models
 
     def check(folder: Path) -> str | None:
-        try:
-            require_models(folder)  # the same rule as `sidestep settings set checkpoint_dir`
-        except SidestepError as err:
-            return str(err)
-        return None
+        return problem_of(lambda: require_models(folder))  # the same rule as `sidestep settings set checkpoint_dir`
 
     folder = asker.folder("Checkpoint folder (holds acestep-v15-base/, acestep-v15-turbo/, ...)",
                           default=answers.get("checkpoint_dir"), validate=check)
@@ -104,11 +100,7 @@ def _setting_name(entry: Any) -> str:
 
 
 def _model_problem(value: str) -> str | None:
-    try:
-        settings.resolve("model", value)
-    except SidestepError as err:
-        return str(err)
-    return None
+    return problem_of(lambda: settings.resolve("model", value))
 
 
 def _ask_device(asker: Asker, answers: Answers) -> str | None:

@@ -17,7 +17,7 @@ from sidestep.errors import SidestepError
 from sidestep.training.config import AdapterKind, TrainConfig
 from sidestep.wizard.asker import Asker, Back, Option
 from sidestep.wizard.common import Answers, Session, ask_dataset, ask_model, ask_optional_file, ask_preset
-from sidestep.wizard.fields import ask_field, config_problem
+from sidestep.wizard.fields import ask_field, problem_of
 from sidestep.wizard.presets import PRESET_FIELDS
 from sidestep.wizard.presets_flow import offer_save_preset
 from sidestep.wizard.steps import Step, default_of, run_steps
@@ -208,7 +208,7 @@ def _field_question(name: str):
             asker.say(f"[dim]With a map, a lower learning rate (e.g. {ADVISED_LR}) is advised.[/]")
 
         def check(value: Any) -> str | None:
-            return config_problem(lambda: build_train_config({**answers, name: value}))
+            return problem_of(lambda: build_train_config({**answers, name: value}))
 
         if name == "timestep_mode":
             options = [Option("auto", None, "the model's default: discrete for turbo, continuous otherwise"),
