@@ -30,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from memory import memory_now, peak as peak_memory, reset_peak  # bench/memory.py (bench/ is on sys.path)
 
 from sidestep.models import find_model, resolve_runtime

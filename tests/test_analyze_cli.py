@@ -53,8 +53,8 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     targetable = {m for m in data["rank_pattern"]} | set(data["excluded_modules"])
     assert set(probe["per_module"]) == set(need["per_module"]) == targetable
     assert 0 < probe["top10_share"] <= 1 and summary["top10_share"] == probe["top10_share"]
-    assert summary["spread_evenly"] == probe["spread_evenly"] and summary["concentration_measure"] == "probe loss rise"
-    assert ("The probe loss rise is spread evenly" in err) or ("The probe loss rise is concentrated" in err)
+    assert summary["spread_evenly"] == probe["spread_evenly"] and summary["concentration_measure"] == "probe loss fall"
+    assert ("The probe loss fall is spread evenly" in err) or ("The probe loss fall is concentrated" in err)
 
 
 def test_probe_signal_runs_the_probe_with_the_given_steps_and_lr(monkeypatch, capsys, checkpoint_root, dataset_dir):
@@ -147,6 +147,7 @@ BAD = [
     ("signal", ["--rank-signal", "magic"], "--rank-signal"),
     ("alpha", ["--alpha-ratio", "0"], "--alpha-ratio"),
     ("probe lr", ["--probe-lr", "5"], "--probe-lr"),
+    ("rank max above a module", ["--rank-max", "64"], "--rank-max 64 is more than"),
     ("seed", ["--seed", "-1"], "--seed"),
     ("no tty", ["--no-yes"], "--yes"),
     ("output folder", ["--output", "{tmp}/missing/fisher_map.json"], "does not exist"),

@@ -1,7 +1,9 @@
-"""`--rank-signal probe`: a short flat LoRA probe, ablated module by module (sidestep/analysis/probe.py).
+"""`--rank-signal probe`: a short flat LoRA probe, its loss fall shared out by integrated gradients.
 
 Whether the probe finds where a dataset needs change is measured on the planted benchmark (bench/planted.py,
-arm map_probe); these tests pin what the library promises: the scores are the ablation rises per (in + out),
+arm map_probe); these tests pin what the library promises: the shares add up to the probe's loss fall, each
+agrees with switching that module's adapter off where the modules do not interact, the scores are the shares
+per (in + out),
 the map is sized from them under the flat budget and records them, the run is reproducible, and the model
 comes back exactly as it was.
 """
@@ -43,23 +45,33 @@ def _probe(loaded, files, seed=0, settings=QUICK, should_stop=None, on_progress=
     return measure_probe(loaded, names, files, spec, settings, seed, should_stop, on_progress)
 
 
-def test_scores_are_the_ablation_rise_per_rank_step_cost(loaded, files):
+def test_scores_are_the_shares_of_the_loss_fall_per_rank_step_cost(loaded, files):
     result = _probe(loaded, files)
     modules = dict(loaded.transformer.named_modules())
     names = targetable_modules(loaded.num_layers)
     assert set(result.scores) == set(names)
-    assert result.loss_probed < result.loss_before  # the probe learned something to ablate
-    assert max(result.rise.values()) > 0
+    assert result.loss_probed < result.loss_before  # the probe learned something to share out
+    # integrated gradients are complete: the shares add up to the whole fall (midpoint rule, 4 points)
+    assert sum(result.share.values()) == pytest.approx(result.loss_before - result.loss_probed, rel=0.05)
     for name in names:
         linear = modules[original_to_diffusers(name)]
-        expected = max(result.rise[name], 1e-12) / (linear.in_features + linear.out_features)
+        expected = max(result.share[name], 1e-12) / (linear.in_features + linear.out_features)
         assert result.scores[name] == pytest.approx(expected, rel=1e-12)
+
+
+def test_one_module_on_its_own_gets_exactly_its_whole_fall(loaded, files):
+    """With a single module probed the path is that module's switch: its share is the fall it alone makes."""
+    name = "layers.1.mlp.down_proj"
+    spec = DatasetSpec.from_model_config(loaded.entry.config)
+    result = measure_probe(loaded, [name], files, spec, replace(QUICK, points=8), 0)
+    assert result.loss_probed < result.loss_before
+    assert result.share[name] == pytest.approx(result.loss_before - result.loss_probed, rel=0.02)
 
 
 def test_probe_is_reproducible_and_seeded(loaded, files):
     first, again, other = _probe(loaded, files, 3), _probe(loaded, files, 3), _probe(loaded, files, 4)
-    assert first.rise == again.rise
-    assert first.rise != other.rise
+    assert first.share == again.share
+    assert first.share != other.share
 
 
 def test_probe_leaves_the_model_exactly_as_it_was(loaded, files):
@@ -114,11 +126,10 @@ def test_probe_settings_are_validated(tmp_path):
         AnalysisConfig(dataset_dir=tmp_path, probe_lr=2.0)
 
 
-def test_progress_counts_the_training_steps_then_the_ablated_modules(loaded, files):
+def test_progress_counts_the_training_steps_then_the_attribution_passes(loaded, files):
     seen = []
     _probe(loaded, files, on_progress=lambda done, total: seen.append((done, total)))
-    names = targetable_modules(loaded.num_layers)
-    total = QUICK.steps + len(names)
+    total = QUICK.steps + QUICK.points * QUICK.eval_samples
     assert seen[0] == (0, total) and seen[-1] == (total, total)
     assert [d for d, _ in seen] == list(range(QUICK.steps)) + list(range(QUICK.steps + 1, total + 1))
 
@@ -127,5 +138,5 @@ def test_a_probe_that_learns_nothing_is_retried_at_a_tenth_of_the_lr_then_refuse
     seen = []
     with pytest.raises(ConfigError, match=r"--probe-lr 0\.01 nor at 0\.001.*--rank-signal data"):
         _probe(loaded, files, settings=replace(QUICK, steps=0), on_progress=lambda d, t: seen.append((d, t)))
-    assert seen == []  # neither attempt had a step to train nor a probe worth ablating
+    assert seen == []  # neither attempt had a step to train nor a fall to share out
     assert _probe(loaded, files).lr_used == QUICK.lr  # a probe that learns keeps its rate

@@ -16,7 +16,7 @@ from sidestep.analysis.config import AnalysisConfig
 from sidestep.analysis.fisher_map import FisherMap, write_map
 from sidestep.analysis.run import analyze_dataset, build_map
 from sidestep.data import DatasetSpec, dataset_hash, scan_dataset
-from sidestep.models import LoadedModel, ModelEntry, Runtime, find_model, load_model
+from sidestep.models import LoadedModel, ModelEntry, Runtime, find_model
 from sidestep.models.select import ModelChoice
 from sidestep.training.config import TrainConfig
 from sidestep.training.run import train

@@ -29,7 +29,7 @@ class RankSignal(str, Enum):
     WEIGHT = "weight"  # the reference's weight effective rank
     GRAD_ENERGY = "grad-energy"  # mean-gradient energy |sum G|^2 / numel, estimated from the sketch
     NEED = "need"  # unbiased need (noise removed) per parameter; selects and sizes on its own (water-filling)
-    PROBE = "probe"  # loss rise when a short flat LoRA probe is switched off per module; selects and sizes on its own
+    PROBE = "probe"  # share of a short flat LoRA probe's loss fall per module; selects and sizes on its own
 
 
 @dataclass(frozen=True)

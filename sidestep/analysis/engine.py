@@ -102,7 +102,7 @@ class AnalysisResult:
     sketch_k: int
     seconds: float
     sketches: dict[str, torch.Tensor] | None = None  # Z_m (in × k, fp32, CPU) when keep_sketches or write_init
-    probe: ProbeResult | None = None  # --rank-signal probe: the probe's per-module ablation scores
+    probe: ProbeResult | None = None  # --rank-signal probe: each module's share of the probe's loss fall
 
     @property
     def total_batches(self) -> int:

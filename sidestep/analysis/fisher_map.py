@@ -559,7 +559,7 @@ class Concentration:
     """How concentrated the dataset's demand on the modules is (the map's `probe` or `need` field; docs/fisher-map.md).
 
     Args:
-        measure: what is concentrated: "probe loss rise" (maps sized by the probe) or "need".
+        measure: what is concentrated: "probe loss fall" (maps sized by the probe) or "need".
         top10_share: share of the total, per parameter, held by the top 10% of modules (0.10 = even).
         spread_evenly: True when that share is low enough that a flat LoRA should do as well.
         per_module: original module name -> the measure per rank-1 LoRA parameter.
@@ -584,12 +584,12 @@ def concentration_summary(fmap: FisherMap) -> Concentration | None:
 def concentrations(fmap: FisherMap) -> dict[str, Concentration]:
     """Every concentration the map records, keyed by field ("probe" first, then "need"); malformed ones left out."""
     found = {}
-    for field, measure, key in ((PROBE_FIELD, "probe loss rise", "score"), (NEED_FIELD, "need", "need_per_param")):
-        raw = fmap.extra.get(field)
+    for name, measure, key in ((PROBE_FIELD, "probe loss fall", "score"), (NEED_FIELD, "need", "need_per_param")):
+        raw = fmap.extra.get(name)
         try:
             share = float(raw["top10_share"])
             modules = {str(k): float(v[key]) for k, v in raw["per_module"].items()}
-            found[field] = Concentration(measure, share, bool(raw["spread_evenly"]), modules)
+            found[name] = Concentration(measure, share, bool(raw["spread_evenly"]), modules)
         except (TypeError, KeyError, ValueError, AttributeError):
             continue
     return found

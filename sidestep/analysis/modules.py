@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
+
+from sidestep.errors import ConfigError
+from sidestep.models.convert import original_to_diffusers
 from sidestep.naming import DECODER_PREFIX
 
 __all__ = [
@@ -17,6 +21,8 @@ __all__ = [
     "PROJECTIONS",
     "Category",
     "ModuleShape",
+    "check_rank_max_fits",
+    "module_shapes",
     "category_of",
     "layer_of",
     "module_sort_key",
@@ -103,3 +109,24 @@ def targetable_modules(num_layers: int) -> list[str]:
     if num_layers < 0:
         raise ValueError(f"num_layers must be >= 0, got {num_layers}.")
     return [f"layers.{layer}.{suffix}" for layer in range(num_layers) for suffix in PROJECTIONS]
+
+
+def module_shapes(transformer: torch.nn.Module) -> dict[str, ModuleShape]:
+    """(in, out) of every targetable Linear, by original name (reads the base layer under an adapter)."""
+    num_layers = int(transformer.config.num_hidden_layers)
+    modules = dict(transformer.named_modules())
+    out = {}
+    for name in targetable_modules(num_layers):
+        mod = modules[original_to_diffusers(name)]
+        mod = getattr(mod, "base_layer", mod)
+        out[name] = ModuleShape(name, int(mod.in_features), int(mod.out_features))
+    return out
+
+
+def check_rank_max_fits(rank_max: int, shapes: dict[str, ModuleShape]) -> None:
+    """Every module must be able to hold `--rank-max` (rank at most min(in, out)), or a map could ask for more."""
+    smallest = min(shapes.values(), key=lambda s: (min(s.in_features, s.out_features), s.name))
+    limit = min(smallest.in_features, smallest.out_features)
+    if rank_max > limit:
+        raise ConfigError(f"--rank-max {rank_max} is more than {smallest.name} ({smallest.in_features}x"
+                          f"{smallest.out_features}) can hold; pass --rank-max {limit} or less.")

@@ -1,19 +1,18 @@
 """`--rank-signal probe`: what a short training run actually uses each module for (docs/data-awareness.md).
 
 A flat LoRA probe (rank `probe_rank` on every targetable module) is trained for `probe_steps` steps on the
-dataset with the shared flow-matching objective; then each module's probe adapter is switched off in turn and
-the rise of the loss on fixed, seeded evaluation inputs is measured. A module whose share of the fix the other
-modules cannot take over scores high; its score is that rise per (in + out), the parameter cost of one rank
-step. On the planted benchmark this is the only signal that finds where the data needs change (gradients at the
-base spread a module's error over its neighbours); it costs `probe_steps` training steps plus one evaluation
-pass per module, several times the hook analysis.
+dataset with the shared flow-matching objective. Then each module's share of the loss the probe removed is
+measured on fixed, seeded evaluation inputs by integrated gradients: every adapter gets a strength s, the loss
+is followed along the straight path from all adapters off (s = 0) to all on (s = 1), and a module's share is
+minus the mean of dL/ds_module at the path's midpoints. The shares add up to the whole fall, and one backward
+pass per point and input measures every module at once: on the 2B model that is about twenty times fewer passes
+than switching each of the 264 adapters off in turn (the first design, which a GPU run showed took minutes),
+and on the planted benchmark it names the planted modules more often and agrees better across seeds.
+A module's score is its share per (in + out), the parameter cost of one rank step.
 
-How long to probe is a trade measured on the planted benchmark (docs/data-awareness.md): a longer probe lets
-the fix move from stand-in modules (gate and up of one MLP, v and o of one attention) to the module that can
-repair the change fully, so it names the planted modules more often, but the maps it sizes gained less there;
-the default, 40 steps, is the one whose maps gained most. A probe whose loss did not fall below the base
-model's is retried once at a tenth of the learning rate, so a default rate that diverges on a larger model
-cannot silently produce noise.
+How long to probe is a trade measured on the planted benchmark (docs/data-awareness.md): the default, 40 steps,
+is the one whose maps gained most. A probe whose loss did not fall below the base model's is retried once at a
+tenth of the learning rate, so a default rate that diverges on a larger model cannot silently produce noise.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from sidestep.seeding import mix_seed
 __all__ = ["ProbeSettings", "ProbeResult", "measure_probe", "LR_RETRY_FACTOR"]
 
 _PROBE_STREAM = 0x70726F6265  # "probe": a seed stream of its own, unrelated to the hook analysis
-_FLOOR = 1e-12  # an ablation that lowers the loss is no reason to adapt a module; scores stay positive
+_FLOOR = 1e-12  # a module whose adapter raised the loss is no reason to adapt it; scores stay positive
 LR_RETRY_FACTOR = 0.1  # a probe that did not learn is retried once at this multiple of its learning rate
 
 
@@ -49,12 +48,13 @@ class ProbeSettings:
     eval_samples: int = 8
     eval_draws: int = 4  # fixed timesteps per evaluation sample
     scale: float = 2.0  # alpha / rank of the probe adapters
+    points: int = 4  # midpoints of the attribution path; 4 give the whole fall to within a few percent
 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    scores: dict[str, float]  # loss rise when the module's probe is off, per (in + out); original names
-    rise: dict[str, float]  # the raw loss rise
+    scores: dict[str, float]  # the module's share of the loss fall, per (in + out); original names
+    share: dict[str, float]  # the raw share of loss_before - loss_probed (they add up to it)
     loss_before: float  # evaluation loss of the base model
     loss_probed: float  # with every probe adapter on
     settings: ProbeSettings
@@ -71,23 +71,24 @@ class _ProbeAdapter:
         self.a.requires_grad_(True)
         self.b = torch.zeros(linear.out_features, rank, device=device, requires_grad=True)
         self.scale = scale
-        self.on = True
+        self.strength = torch.ones((), device=device)  # 1 = on, 0 = off; in between on the attribution's path
         self.handle = linear.register_forward_hook(self._add)
 
     def _add(self, _module, inputs, output):
-        if not self.on:
-            return output
         delta = (inputs[0].float() @ self.a.T) @ self.b.T
-        return output + (self.scale * delta).to(output.dtype)
+        return output + (self.strength * self.scale * delta).to(output.dtype)
+
+    def set_strength(self, value: float, requires_grad: bool = False) -> None:
+        self.strength = torch.full((), value, device=self.a.device, requires_grad=requires_grad)
 
 
 def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec: DatasetSpec, settings: ProbeSettings,
                   seed: int, should_stop: Callable[[], bool] | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> ProbeResult:
-    """Train the probe, then ablate it module by module. Every process computes the same result (same seed).
+    """Train the probe, then attribute its loss fall to the modules. Every process computes the same result.
 
-    `on_progress(done, total)` counts training steps and then ablated modules. Raises ConfigError when the probe
-    cannot lower the loss even at the retry's lower learning rate.
+    `on_progress(done, total)` counts training steps and then attribution passes (points × evaluation inputs).
+    Raises ConfigError when the probe cannot lower the loss even at the retry's lower learning rate.
     """
     started = time.perf_counter()
     cache: dict[int, Sample] = {}
@@ -99,7 +100,7 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
 
     lr = settings.lr
     for attempt in range(2):
-        rise, before, probed = _probe_once(loaded, names, sample, len(files), replace(settings, lr=lr), seed,
+        share, before, probed = _probe_once(loaded, names, sample, len(files), replace(settings, lr=lr), seed,
                                            should_stop, on_progress or (lambda _done, _total: None))
         if math.isfinite(probed) and probed < before:
             break
@@ -109,8 +110,8 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
         raise ConfigError(f"The probe did not lower the loss at --probe-lr {settings.lr:g} nor at {lr:g} "
                           f"(loss {before:.4g} before, {probed:.4g} after); pass another --probe-lr or --rank-signal data.")
     costs = _costs(loaded, names)
-    scores = {n: max(rise[n], _FLOOR) / costs[n] for n in names}
-    return ProbeResult(scores, rise, before, probed, settings, time.perf_counter() - started, lr)
+    scores = {n: max(share[n], _FLOOR) / costs[n] for n in names}
+    return ProbeResult(scores, share, before, probed, settings, time.perf_counter() - started, lr)
 
 
 def _costs(loaded: LoadedModel, names: list[str]) -> dict[str, int]:
@@ -123,7 +124,7 @@ def _costs(loaded: LoadedModel, names: list[str]) -> dict[str, int]:
 def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], Sample], count: int,
                 settings: ProbeSettings, seed: int, should_stop, report: Callable[[int, int], None]
                 ) -> tuple[dict[str, float], float, float]:
-    """One probe at `settings.lr`: (loss rise per module, loss without the probe, loss with it)."""
+    """One probe at `settings.lr`: (each module's share of the fall, loss without the probe, loss with it)."""
     model = loaded.transformer
     runtime = loaded.runtime
     modules = dict(model.named_modules())
@@ -134,32 +135,27 @@ def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], S
     model.requires_grad_(False)
     adapters = {n: _ProbeAdapter(modules[original_to_diffusers(n)], settings.rank, settings.scale, g) for n in names}
     try:
-        total = settings.steps + len(names)
+        total = settings.steps + settings.points * min(settings.eval_samples, count)
         _train(model, adapters, sample, count, settings, loaded, g, should_stop, lambda done: report(done, total))
         eval_set = _eval_inputs(sample, count, settings, loaded, g)
         with torch.no_grad():
             for adapter in adapters.values():
-                adapter.on = False
+                adapter.set_strength(0.0)
             before = _eval_loss(model, eval_set, runtime)
             for adapter in adapters.values():
-                adapter.on = True
+                adapter.set_strength(1.0)
             probed = _eval_loss(model, eval_set, runtime)
-            rise = {}
-            if math.isfinite(probed) and probed < before:  # a probe that learned nothing is not worth ablating
-                for done, (name, adapter) in enumerate(adapters.items(), start=settings.steps + 1):
-                    if should_stop is not None and should_stop():
-                        raise Interrupted("Analysis interrupted; nothing was written.")
-                    adapter.on = False
-                    rise[name] = _eval_loss(model, eval_set, runtime) - probed
-                    adapter.on = True
-                    report(done, total)
+        share = {}
+        if math.isfinite(probed) and probed < before:  # a probe that learned nothing has nothing to attribute
+            share = _path_shares(adapters, model, eval_set, runtime, settings.points, should_stop,
+                                 lambda done: report(settings.steps + done, total))
     finally:
         for adapter in adapters.values():
             adapter.handle.remove()
         for p, flag in saved_grad.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return rise, before, probed
+    return share, before, probed
 
 
 def _train(model, adapters, sample, count: int, settings: ProbeSettings, loaded: LoadedModel, g: torch.Generator,
@@ -179,6 +175,33 @@ def _train(model, adapters, sample, count: int, settings: ProbeSettings, loaded:
             loss = flow_matching_loss(model, batch, t, noise_like(batch.target_latents, g))
             (loss / settings.batch).backward()
         optimizer.step()
+
+
+def _path_shares(adapters: dict[str, _ProbeAdapter], model, eval_set: list[_EvalItem], runtime, points: int,
+                 should_stop, report: Callable[[int], None]) -> dict[str, float]:
+    """Each module's share of the loss fall by integrated gradients (midpoint rule on the path s: 0 -> 1 of every
+    adapter's strength at once). One draw per backward pass keeps the memory of a batch-1 training step."""
+    for adapter in adapters.values():
+        adapter.a.requires_grad_(False)
+        adapter.b.requires_grad_(False)
+    draws = sum(len(item.t) for item in eval_set)
+    slope = dict.fromkeys(adapters, 0.0)
+    for k in range(points):
+        for adapter in adapters.values():
+            adapter.set_strength((k + 0.5) / points, requires_grad=True)
+        for done, item in enumerate(eval_set, start=k * len(eval_set) + 1):
+            if should_stop is not None and should_stop():
+                raise Interrupted("Analysis interrupted; nothing was written.")
+            batch = collate([item.sample]).to(runtime.device, runtime.dtype)
+            for j in range(len(item.t)):
+                noise = item.noise[j : j + 1].to(runtime.device, runtime.dtype)
+                (flow_matching_loss(model, batch, item.t[j : j + 1], noise) / draws).backward()
+            report(done)
+        for name, adapter in adapters.items():
+            slope[name] += float(adapter.strength.grad) / points
+    for adapter in adapters.values():
+        adapter.set_strength(1.0)
+    return {name: -value for name, value in slope.items()}  # dL/ds < 0: the module's adapter lowers the loss
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from sidestep.analysis.fisher_map import (
     write_map,
 )
 from sidestep.analysis.init_file import init_bases, init_path_for, write_init
-from sidestep.analysis.modules import targetable_modules
+from sidestep.analysis.modules import check_rank_max_fits, module_shapes, targetable_modules
 from sidestep.analysis.probe import ProbeResult, ProbeSettings, measure_probe
 from sidestep.analysis.signals import NeedEstimate, low_confidence
 from sidestep.data import DatasetScan, DatasetSpec, content_hash, dataset_hash, scan_dataset
@@ -120,6 +120,7 @@ def analyze_dataset(
             on_warning(message)
     try:
         loaded = loader(entry, runtime)
+        check_rank_max_fits(config.rank_budget.hi, module_shapes(loaded.transformer))
         result = run_analysis(config, loaded, scan.files, on_progress, should_stop)
         if config.rank_signal is RankSignal.PROBE:
             result = with_probe(config, loaded, result, scan, should_stop, on_progress)
@@ -192,15 +193,15 @@ def build_map(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResul
 def with_probe(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResult, scan: DatasetScan,
                should_stop: Callable[[], bool] | None = None,
                on_progress: Callable[[Progress], None] | None = None) -> AnalysisResult:
-    """The result with the probe's ablation scores (`--rank-signal probe`), measured on the same dataset.
+    """The result with the probe's per-module scores (`--rank-signal probe`), measured on the same dataset.
 
-    Progress: phase "probe" over the training steps, then "probe-ablation" over the modules; `done` of `total`
-    counts both.
+    Progress: phase "probe" over the training steps, then "probe-attribution" over the attribution passes; `done`
+    of `total` counts both.
     """
     report = None
     if on_progress is not None and _is_main_process():
         def report(done: int, total: int) -> None:
-            phase = "probe" if done <= config.probe_steps else "probe-ablation"
+            phase = "probe" if done <= config.probe_steps else "probe-attribution"
             on_progress(Progress(phase, 1, 1, done, total, done, total))
     settings = ProbeSettings(steps=config.probe_steps, rank=config.probe_rank, lr=config.probe_lr,
                              scale=float(config.alpha_ratio))
@@ -253,7 +254,7 @@ def _probe_of(result: AnalysisResult) -> ProbeResult:
 
 
 def _probe_field(result: AnalysisResult) -> dict:
-    """The map's optional `probe` field: the settings and each module's ablation score (docs/fisher-map.md)."""
+    """The map's optional `probe` field: the settings and each module's share and score (docs/fisher-map.md)."""
     probe = result.probe
     if probe is None:
         return {}
@@ -261,9 +262,10 @@ def _probe_field(result: AnalysisResult) -> dict:
     share = concentration(probe.scores)
     return {PROBE_FIELD: {
         "steps": s.steps, "rank": s.rank, "lr": s.lr, "lr_used": probe.lr_used,  # no time: same seed, same map
+        "attribution": "path", "points": s.points,
         "loss_before": probe.loss_before, "loss_probed": probe.loss_probed,
         "top10_share": round(share, 6), "spread_evenly": share < SPREAD_EVENLY_BELOW,
-        "per_module": {n: {"loss_rise": probe.rise[n], "score": probe.scores[n]} for n in probe.scores},
+        "per_module": {n: {"loss_share": probe.share[n], "score": probe.scores[n]} for n in probe.scores},
     }}
 
 

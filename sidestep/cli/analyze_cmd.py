@@ -155,8 +155,8 @@ class _ProgressBar:
                              total=p.total, rho=rho)
         elif p.phase == "weight-rank":
             self._bar.update(self._task, description="Weight SVDs", rho="")
-        elif p.phase in ("probe", "probe-ablation"):
-            label = "LoRA probe" if p.phase == "probe" else "Probe ablation"
+        elif p.phase in ("probe", "probe-attribution"):
+            label = "LoRA probe" if p.phase == "probe" else "Probe attribution"
             self._bar.update(self._task, description=label, completed=p.done, total=p.total, rho="")
 
     def stop(self) -> None:

@@ -102,9 +102,9 @@ BudgetOpt = Annotated[
 AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.",
                                               rich_help_panel=ADVANCED)]
 RankSignalOpt = Annotated[
-    str, typer.Option("--rank-signal", help="What selects and sizes the modules: probe (default: a short LoRA probe "
-                                            "switched off per module; the only one that wins on the planted "
-                                            "benchmark), need (noise-free mean gradient; water-filling under "
+    str, typer.Option("--rank-signal", help="What selects and sizes the modules: probe (default: each module's "
+                                            "share of a short LoRA probe's loss fall; the only one that wins on "
+                                            "the planted benchmark), need (noise-free mean gradient; water-filling under "
                                             "--budget flat), data (gradient sketch rank), fisher (score only), "
                                             "weight (reference's weight SVD) or grad-energy.",
                                             rich_help_panel=ADVANCED)

@@ -134,10 +134,11 @@ def _silence_latent(seed: int, frames: int = 1500) -> torch.Tensor:
 
 
 def write_original_checkpoint(root: Path, config: dict[str, Any] | None = None, seed: int = 0,
-                              folder: str = "acestep-v15-base") -> Path:
+                              folder: str = "acestep-v15-base", dtype: torch.dtype | None = None) -> Path:
     """Write `<root>/<folder>/` as ACE-Step ships it: config.json (with its auto_map), model.safetensors with every
     weight group (decoder., encoder., tokenizer., detokenizer., null_condition_emb) and silence_latent.pt.
-    ACE-Step's remote-code .py files are not written. Returns the model folder."""
+    ACE-Step's remote-code .py files are not written. `dtype` casts the floating-point weights (the released
+    checkpoints are bf16). Returns the model folder."""
     config = config or tiny_config()
     model_dir = Path(root) / folder
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +152,8 @@ def write_original_checkpoint(root: Path, config: dict[str, Any] | None = None, 
             tensors[ENCODER_PREFIX + diffusers_to_original(key)] = value.contiguous()
     for prefix, module in build_tiny_audio_tokenizers(config, seed + 2).items():
         tensors.update({prefix + diffusers_to_original(k): v.contiguous() for k, v in module.state_dict().items()})
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     torch.save(_silence_latent(seed), model_dir / "silence_latent.pt")

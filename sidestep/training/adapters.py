@@ -19,8 +19,8 @@ from diffusers.training_utils import cast_training_params
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 
 from sidestep.analysis.fisher_map import MAP_FILENAME, TURBO_MAP_ADVICE, FisherMap, read_map
-from sidestep.analysis.modules import (PROJECTIONS, Category, ModuleShape, category_of, module_sort_key,
-                                      strip_decoder_prefix, targetable_modules)
+from sidestep.analysis.modules import (PROJECTIONS, Category, ModuleShape, category_of, module_shapes,
+                                      module_sort_key, strip_decoder_prefix, targetable_modules)
 from sidestep.data import dataset_hash
 from sidestep.errors import ConfigError, MapError
 from sidestep.models.convert import diffusers_to_original, original_to_diffusers
@@ -224,18 +224,6 @@ def attach_adapter(transformer: torch.nn.Module, plan: AdapterPlan, init: InitPl
     if init is not None and init.mode is InitMode.GRADIENT:
         apply_gradient_init(transformer, plan.ranks, init.bases)  # after the fp32 cast: A is set at full precision
     return total
-
-
-def module_shapes(transformer: torch.nn.Module) -> dict[str, ModuleShape]:
-    """(in, out) of every targetable Linear, by original name (reads the base layer under an adapter)."""
-    num_layers = int(transformer.config.num_hidden_layers)
-    modules = dict(transformer.named_modules())
-    out = {}
-    for name in targetable_modules(num_layers):
-        mod = modules[original_to_diffusers(name)]
-        mod = getattr(mod, "base_layer", mod)
-        out[name] = ModuleShape(name, int(mod.in_features), int(mod.out_features))
-    return out
 
 
 def check_plan_fits(plan: AdapterPlan, shapes: dict[str, ModuleShape]) -> None:
