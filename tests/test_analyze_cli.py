@@ -213,6 +213,20 @@ def test_real_process_bad_focus_exits_1_without_traceback(checkpoint_root, datas
     assert _written(dataset_dir) == []
 
 
+def test_progress_bar_names_each_phase():
+    from sidestep.analysis.engine import Progress
+    from sidestep.cli.analyze_cmd import _ProgressBar
+
+    bar = _ProgressBar()
+    try:
+        for phase, label in (("fisher", "Fisher run 1/2"), ("probe", "LoRA probe"),
+                             ("probe-attribution", "Probe attribution")):
+            bar.update(Progress(phase, 1, 2, 3, 10, 3, 10))
+            assert bar._bar.tasks[0].description == label
+    finally:
+        bar.stop()
+
+
 def test_preview_warns_only_about_runs_that_did_not_converge(capsys):
     from sidestep.analysis.report import Preview
     from sidestep.display.analysis import print_preview

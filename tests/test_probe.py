@@ -100,9 +100,14 @@ def test_analyze_with_the_probe_signal_sizes_the_map_from_the_probe_and_records_
     config = AnalysisConfig(dataset_dir=folder, base_rank=8, rank_min=2, rank_max=32, rank_step=2, budget="flat",
                             batches_per_run=3, runs=1, rank_signal="probe", probe_steps=4, probe_rank=4,
                             probe_lr=1e-2, write_init=False)
-    outcome = analyze_dataset(config, loaded.entry, loaded.runtime, loader=lambda _e, _r: loaded)
+    phases = []
+    outcome = analyze_dataset(config, loaded.entry, loaded.runtime, loader=lambda _e, _r: loaded,
+                              on_progress=lambda p: phases.append((p.phase, p.done, p.total)))
     fmap = read_map(outcome.path)
     assert fmap.rank_signal == RankSignal.PROBE.value
+    probe_phases = [p for p in phases if p[0].startswith("probe")]  # the bars name them: steps, then attribution
+    assert {p[0] for p in probe_phases[:4]} == {"probe"} and probe_phases[-1][0] == "probe-attribution"
+    assert probe_phases[-1][1] == probe_phases[-1][2]
     assert outcome.result.seconds > outcome.result.probe.seconds > 0  # the reported time includes the probe
     field = fmap.extra[PROBE_FIELD]
     assert (field["steps"], field["rank"], field["lr"]) == (4, 4, 1e-2)

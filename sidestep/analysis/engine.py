@@ -49,7 +49,8 @@ _STOPPED = "Analysis stopped before it finished; nothing was written."
 class Progress:
     """One progress report: `done` of `total` batches (total shrinks when a run converges early)."""
 
-    phase: str  # "fisher" while batches run, "weight-rank" during the SVDs, "done" at the end
+    phase: str  # "fisher" while batches run, "weight-rank" during the SVDs, "done" at the end; the probe's
+    # "probe" (training steps) and "probe-attribution" (its attribution passes) come after, with --rank-signal probe
     run: int  # 1-based
     runs: int
     batch: int  # batches done in this run
