@@ -45,7 +45,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes on CPU (checks the bench, measures nothing)")
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint and data here")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the JSON result here, after every phase (a run stopped at a time limit keeps "
+                        "what it measured)")
     p.add_argument("--extra-analyze", default="", help="extra flags for both analyze runs (space-separated)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -77,7 +79,12 @@ def _run_cli(argv: list[str]) -> None:
             raise RuntimeError(f"sidestep {' '.join(argv)} exited {stop.code}") from None
 
 
-def _phase(name: str, argv: list[str], device: torch.device, results: dict, emit) -> None:
+def _save(out: Path | None, results: dict) -> None:
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def _phase(name: str, argv: list[str], device: torch.device, results: dict, emit, out: Path | None) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -88,6 +95,7 @@ def _phase(name: str, argv: list[str], device: torch.device, results: dict, emit
         torch.cuda.synchronize()
     results[name] = {"seconds": round(time.perf_counter() - started, 2), "peak_gib": round(peak(device) / 2**30, 2)}
     emit(json.dumps({"phase": name, **results[name]}))
+    _save(out, results)
 
 
 def _map_facts(path: Path) -> dict:
@@ -108,21 +116,23 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
         checkpoints, data = _write_inputs(root, args)
         results["write_inputs_seconds"] = round(time.perf_counter() - started, 2)
         emit(json.dumps({"phase": "write_inputs", "seconds": results["write_inputs_seconds"]}))
+        _save(args.out, results)
         common = ["--dataset-dir", str(data), "--checkpoint-dir", str(checkpoints), "--model", "base",
                   "--device", args.device, "--yes", "--json", *args.ranks.split(), *args.extra_analyze.split()]
-        _phase("analyze_probe", ["analyze", *common, "--output", str(data / "fisher_map.json")], device, results, emit)
+        _phase("analyze_probe", ["analyze", *common, "--output", str(data / "fisher_map.json")], device, results, emit,
+               args.out)
         results["probe_map"] = _map_facts(data / "fisher_map.json")
         emit(json.dumps({"probe_map": results["probe_map"]}))
+        _save(args.out, results)
         _phase("analyze_data", ["analyze", *common, "--rank-signal", "data", "--output", str(root / "data_map.json")],
-               device, results, emit)
+               device, results, emit, args.out)
         probe_cost = results["analyze_probe"]["seconds"] - results["analyze_data"]["seconds"]
         results["probe_share_of_analysis"] = round(probe_cost / results["analyze_probe"]["seconds"], 3)
         _phase("train", ["train", "--dataset-dir", str(data), "--output-dir", str(root / "run"), "--checkpoint-dir",
                          str(checkpoints), "--model", "base", "--device", args.device, "--max-steps",
-                         str(args.train_steps), "--json"], device, results, emit)
+                         str(args.train_steps), "--json"], device, results, emit, args.out)
     emit(json.dumps(results))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    _save(args.out, results)
     return results
 
 
