@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from sidestep.analysis.modules import module_shapes
 from sidestep.data import DatasetSpec, collate, load_sample
 from sidestep.data.dataset import Sample
 from sidestep.errors import ConfigError, Interrupted
@@ -109,16 +110,9 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
     else:
         raise ConfigError(f"The probe did not lower the loss at --probe-lr {settings.lr:g} nor at {lr:g} "
                           f"(loss {before:.4g} before, {probed:.4g} after); pass another --probe-lr or --rank-signal data.")
-    costs = _costs(loaded, names)
-    scores = {n: max(share[n], _FLOOR) / costs[n] for n in names}
+    shapes = module_shapes(loaded.transformer)
+    scores = {n: max(share[n], _FLOOR) / shapes[n].lora_params(1) for n in names}  # per (in + out): one rank step
     return ProbeResult(scores, share, before, probed, settings, time.perf_counter() - started, lr)
-
-
-def _costs(loaded: LoadedModel, names: list[str]) -> dict[str, int]:
-    """The parameter cost of one rank step of each module: in + out."""
-    modules = dict(loaded.transformer.named_modules())
-    linears = {n: modules[original_to_diffusers(n)] for n in names}
-    return {n: linear.in_features + linear.out_features for n, linear in linears.items()}
 
 
 def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], Sample], count: int,

@@ -181,7 +181,7 @@ def summary_json(outcome) -> dict[str, Any]:
     """The machine-readable summary printed by --json."""
     fmap = outcome.map
     ranks = sorted(fmap.rank_pattern.values())
-    need = concentration_summary(fmap)
+    demand = concentration_summary(fmap)
     return {
         "saved": outcome.saved,
         "path": str(outcome.path) if outcome.path else None,
@@ -199,9 +199,9 @@ def summary_json(outcome) -> dict[str, Any]:
         "total_batches": fmap.total_batches,
         "cross_run_spearman": fmap.convergence.cross_run_spearman if fmap.convergence else None,
         "low_confidence_modules": list(fmap.low_confidence_modules),
-        "concentration_measure": need.measure if need else None,
-        "top10_share": need.top10_share if need else None,
-        "spread_evenly": need.spread_evenly if need else None,
+        "concentration_measure": demand.measure if demand else None,
+        "top10_share": demand.top10_share if demand else None,
+        "spread_evenly": demand.spread_evenly if demand else None,
         "warnings": list(outcome.warnings),
         "skipped": list(outcome.skipped),
         "seconds": round(outcome.result.seconds, 3),
