@@ -38,7 +38,7 @@ from quality_lib.arms import Budget  # noqa: E402
 from quality_lib.base_model import MODEL_FOLDER, BaseSpec, ensure_base  # noqa: E402
 from quality_lib.cli import finish, parse_with_preset  # noqa: E402
 from quality_lib.evaluate import eval_loss, make_eval_set  # noqa: E402
-from quality_lib.stats import mean_std, paired  # noqa: E402
+from quality_lib.stats import mean_std, paired, ratio_of_means  # noqa: E402
 from quality_lib.synthetic import draw_samples, shifted_law, write_split  # noqa: E402
 
 from sidestep.analysis.config import AnalysisConfig  # noqa: E402
@@ -163,9 +163,11 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
             if arm != "flat":
                 row[f"{metric}_vs_flat"] = paired([r[metric] - flat[key(r)][metric] for r in recs])
         if arm not in ("flat", "oracle") and oracle:
-            gains = [(flat[key(r)]["distill"] - r["distill"]) for r in recs]
-            oracle_gain = statistics.fmean(flat[k]["distill"] - o["distill"] for k, o in oracle.items())
-            row["oracle_gain_share"] = statistics.fmean(gains) / oracle_gain if oracle_gain else None
+            paired_cells = [r for r in recs if key(r) in oracle]
+            share = ratio_of_means([flat[key(r)]["distill"] - r["distill"] for r in paired_cells],
+                                   [flat[key(r)]["distill"] - oracle[key(r)]["distill"] for r in paired_cells])
+            row["oracle_gain_share"] = share["ratio"]
+            row["oracle_gain_share_ci95"] = share["ci95_boot"]
         if arm.startswith("map_") and control:
             row["distill_vs_control"] = paired([r["distill"] - control[key(r)]["distill"] for r in recs])
         arms[arm] = row
@@ -215,13 +217,14 @@ def markdown(summary: dict, command: str) -> str:
         lo, hi = stat["ci95_t"]
         return f"{stat['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
     lines = [f"Command: `{command}`", "",
-             "| arm | params | distill error (mean ± std) | Δ distill vs flat [95% CI] | share of oracle gain | "
+             "| arm | params | distill error (mean ± std) | Δ distill vs flat [95% CI] | share of oracle gain [95% CI] | "
              "Δ test loss vs flat | Δ forgetting vs flat | Δ distill vs control |", "|---|---|---|---|---|---|---|---|"]
     for arm, row in summary["arms"].items():
         d = row["distill"]
-        share = row.get("oracle_gain_share")
+        share, share_ci = row.get("oracle_gain_share"), row.get("oracle_gain_share_ci95")
+        share_text = "—" if share is None else f"{share:.0%}" + (f" [{share_ci[0]:.0%}, {share_ci[1]:.0%}]" if share_ci else "")
         lines.append(f"| {row['label']} | {'/'.join(map(str, row['params']))} | {d['mean']:.4f} ± {d['std']:.4f} | "
-                     f"{ci(row.get('distill_vs_flat'))} | {'—' if share is None else f'{share:.0%}'} | "
+                     f"{ci(row.get('distill_vs_flat'))} | {share_text} | "
                      f"{ci(row.get('test_loss_vs_flat'))} | {ci(row.get('forgetting_vs_flat'))} | "
                      f"{ci(row.get('distill_vs_control'))} |")
     def span(values: list[float]) -> str:

@@ -52,6 +52,10 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
         assert cell["arms"]["flat"]["planted_recall"] == 1.0
         assert set(cell["precision_top_S"]) == {"data", "need"}
     assert summary["arms"]["oracle"]["distill"]["mean"] < 1.0  # the oracle moves towards the teacher
+    for arm in ("map_data", "control"):  # the share of the oracle's gain comes with its interval
+        row = summary["arms"][arm]
+        lo, hi = row["oracle_gain_share_ci95"]
+        assert lo <= row["oracle_gain_share"] <= hi
     for measure in ("probe", "need"):  # the default map's measure, and the need the analysis writes beside it
         control = summary["differential_control"][measure]
         assert len(control["own_samples_top10_share"]) == 2 and len(control["planted_top10_share"]) == 4

@@ -51,3 +51,21 @@ def test_t_quantiles_come_from_scipy():
     # The old hand table answered 2.060 (its df-25 entry) for df 21-24.
     assert [round(t975(df), 3) for df in (1, 9, 21, 24, 30)] == [12.706, 2.262, 2.080, 2.064, 2.042]
 
+
+
+def test_ratio_of_means_resamples_the_cells_together():
+    load_bench("quality")
+    from quality_lib.stats import ratio_of_means
+
+    exact = ratio_of_means([0.5, 1.0, 1.5], [1.0, 2.0, 3.0])
+    assert exact["ratio"] == pytest.approx(0.5)
+    # Cell by cell the numerator is half the denominator, so every resample gives 0.5: only a paired
+    # resampling (the same cells on both sides) yields a zero-width interval here.
+    assert exact["ci95_boot"] == pytest.approx([0.5, 0.5])
+    noisy = ratio_of_means([0.9, 0.1, 0.7, 0.2, 0.6, 0.4, 0.8, 0.3], [1.0] * 8)
+    lo, hi = noisy["ci95_boot"]
+    assert noisy["ratio"] == pytest.approx(0.5) and lo < 0.5 < hi
+    assert 0.2 < hi - lo < 0.5
+    assert ratio_of_means([0.3], [0.6]) == {"ratio": pytest.approx(0.5), "n": 1, "ci95_boot": None}
+    with pytest.raises(ValueError):
+        ratio_of_means([0.1, 0.2], [0.3])
