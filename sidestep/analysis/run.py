@@ -198,16 +198,16 @@ def with_probe(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResu
     Progress: phase "probe" over the training steps, then "probe-attribution" over the attribution passes; `done`
     of `total` counts both.
     """
-    report = None
-    if on_progress is not None and _is_main_process():
-        def report(done: int, total: int) -> None:
-            phase = "probe" if done <= config.probe_steps else "probe-attribution"
-            on_progress(Progress(phase, 1, 1, done, total, done, total))
+    def report(done: int, total: int) -> None:
+        phase = "probe" if done <= config.probe_steps else "probe-attribution"
+        on_progress(Progress(phase, 1, 1, done, total, done, total))
+
+    announce = report if on_progress is not None and _is_main_process() else None
     settings = ProbeSettings(steps=config.probe_steps, rank=config.probe_rank, lr=config.probe_lr,
                              scale=float(config.alpha_ratio))
     spec = DatasetSpec.from_model_config(loaded.entry.config)
     probe = measure_probe(loaded, [m.name for m in result.modules], list(scan.files), spec, settings, config.seed,
-                          should_stop, report)
+                          should_stop, announce)
     return replace(result, probe=probe, seconds=result.seconds + probe.seconds)  # the analysis's time is both
 
 
