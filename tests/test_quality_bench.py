@@ -52,7 +52,6 @@ def test_t_quantiles_come_from_scipy():
     assert [round(t975(df), 3) for df in (1, 9, 21, 24, 30)] == [12.706, 2.262, 2.080, 2.064, 2.042]
 
 
-
 def test_ratio_of_means_resamples_the_cells_together():
     load_bench("quality")
     from quality_lib.stats import ratio_of_means
