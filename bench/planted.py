@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
                 records.extend(recs)
                 cells.append(info)
             if not args.skip_control_analysis:
-                controls.append(_own_sample_control(loaded, train_samples, root, args, cfg, runtime))
+                controls.append(_own_sample_control(loaded, train_samples, root, args, cfg, runtime)
+                                | _teacher_control(teacher, root, cfg, runtime))
     summary = summarize(records, cells, plants, controls)
     summary.update({"summary": True, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                     "wall_seconds": time.perf_counter() - started})
@@ -145,6 +146,17 @@ def _own_sample_control(loaded, conditions, root: Path, args, cfg: CellConfig, r
                           rank_max=b.hi, rank_step=b.step, budget="flat", write_init=False, seed=0)
     outcome = analyze_dataset(acfg, loaded.entry, runtime, loader=lambda _e, _r: loaded)
     return {"concentration": concentration_record(outcome.map)}
+
+
+def _teacher_control(teacher, root: Path, cfg: CellConfig, runtime) -> dict:
+    """The analysis of the teacher on the same training data: a model that already generates this law, so the
+    data asks it for no change. Its measure must be less concentrated, and its loss fall smaller, than the
+    planted base's."""
+    b = cfg.budget
+    acfg = AnalysisConfig(dataset_dir=root / "train", output=root / "teacher-map.json", base_rank=b.base,
+                          rank_min=b.lo, rank_max=b.hi, rank_step=b.step, budget="flat", write_init=False, seed=0)
+    outcome = analyze_dataset(acfg, teacher.entry, runtime, loader=lambda _e, _r: teacher)
+    return {"teacher": concentration_record(outcome.map)}
 
 
 def summarize(records: list[dict], cells: list[dict], plants: list[dict], controls: list[dict]) -> dict:
@@ -202,9 +214,17 @@ def _differential(cells: list[dict], controls: list[dict]) -> dict:
         across = [rho(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]]
         planted_share = [of(c)["top10_share"] for c in cells]
         own_share = [of(c)["top10_share"] for c in controls if of(c)]
+        teacher_share = [c["teacher"][field]["top10_share"] for c in controls if field in c.get("teacher", {})]
         out[field] = {"planted_top10_share": planted_share, "own_samples_top10_share": own_share,
                       "own_below_every_planted": bool(own_share and max(own_share) < min(planted_share)),
+                      "teacher_top10_share": teacher_share,
+                      "teacher_below_every_planted": bool(teacher_share and max(teacher_share) < min(planted_share)),
                       "spearman_same_data_two_seeds": same, "spearman_two_plants": across}
+        falls = {"planted": [of(c).get("relative_fall") for c in cells],
+                 "own_samples": [of(c).get("relative_fall") for c in controls if of(c)],
+                 "teacher": [c["teacher"][field].get("relative_fall") for c in controls if field in c.get("teacher", {})]}
+        if all(v is not None for values in falls.values() for v in values) and falls["planted"]:
+            out[field]["relative_fall"] = falls
     return out
 
 
@@ -232,13 +252,21 @@ def markdown(summary: dict, command: str) -> str:
     lines += ["", "Precision of the planted modules among each signal's top-|S|: " +
               ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S"].items()), "",
               "Differential control (targets: own samples below every planted share; two seeds ≥ 0.95; two plants "
-              "≤ 0.5):", "",
+              "≤ 0.5; and the teacher, which needs no change, below every planted share):", "",
               "| measure | top-10% share, planted | top-10% share, own samples | own below every planted | "
-              "Spearman, two seeds | Spearman, two plants |", "|---|---|---|---|---|---|"]
+              "top-10% share, teacher | teacher below every planted | Spearman, two seeds | Spearman, two plants |",
+              "|---|---|---|---|---|---|---|---|"]
     for field, d in summary["differential_control"].items():
         lines.append(f"| {field} | {span(d['planted_top10_share'])} | {span(d['own_samples_top10_share'])} | "
-                     f"{'yes' if d['own_below_every_planted'] else 'no'} | {span(d['spearman_same_data_two_seeds'])} | "
-                     f"{span(d['spearman_two_plants'])} |")
+                     f"{'yes' if d['own_below_every_planted'] else 'no'} | {span(d.get('teacher_top10_share', []))} | "
+                     f"{'yes' if d.get('teacher_below_every_planted') else 'no'} | "
+                     f"{span(d['spearman_same_data_two_seeds'])} | {span(d['spearman_two_plants'])} |")
+    for field, d in summary["differential_control"].items():
+        if "relative_fall" in d:
+            f = d["relative_fall"]
+            pct = lambda v: f"{min(v):.1%}–{max(v):.1%}" if v else "—"  # noqa: E731
+            lines += ["", f"Share of the base's evaluation loss the {field} removed: planted {pct(f['planted'])}, "
+                          f"own samples {pct(f['own_samples'])}, teacher {pct(f['teacher'])}."]
     return "\n".join(lines + [""])
 
 

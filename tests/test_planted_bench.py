@@ -59,6 +59,10 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
     for measure in ("probe", "need"):  # the default map's measure, and the need the analysis writes beside it
         control = summary["differential_control"][measure]
         assert len(control["own_samples_top10_share"]) == 2 and len(control["planted_top10_share"]) == 4
+        assert len(control["teacher_top10_share"]) == 2  # the teacher analysed on each plant's training data
+    falls = summary["differential_control"]["probe"]["relative_fall"]
+    assert [len(falls[k]) for k in ("planted", "own_samples", "teacher")] == [4, 2, 2]
+    assert all(-1 < v < 1 for values in falls.values() for v in values)
     assert "| arm |" in (tmp / "table.md").read_text()
 
 
@@ -93,3 +97,13 @@ def test_two_plants_give_different_probe_maps(quick_run):
 @pytest.mark.xfail(strict=False, reason="open (issue 18): own samples 0.67–0.75 vs planted 0.65–0.84 in the full run")
 def test_probe_is_less_concentrated_on_the_models_own_samples(quick_run):
     assert quick_run[0]["differential_control"]["probe"]["own_below_every_planted"]
+
+
+# The teacher analysed on the planted task's data (a model that already generates that law, so the data asks it
+# for nothing). Full benchmark: its probe removes 0.6–1.0% of its loss against 10–27% for the planted bases, and
+# its top-10% share is below every planted one on plants 0–3 (0.52–0.64 vs 0.65–0.84) but not on 4–7 (0.53–0.61
+# vs 0.55–0.86). The toy plants do too little damage to tell the two apart (about 1% fall on both).
+@pytest.mark.xfail(strict=True, reason="open (issue 18): holds on plants 0–3 of the full benchmark, not on 4–7 "
+                                       "nor at toy sizes")
+def test_probe_is_less_concentrated_for_the_teacher_than_for_any_planted_base(quick_run):
+    assert quick_run[0]["differential_control"]["probe"]["teacher_below_every_planted"]

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from sidestep.analysis.config import AnalysisConfig, RankSignal
-from sidestep.analysis.fisher_map import FisherMap, concentrations
+from sidestep.analysis.fisher_map import PROBE_FIELD, FisherMap, concentrations
 from sidestep.analysis.run import analyze_dataset, build_map, signal_scores, with_probe
 from sidestep.data import DatasetSpec, scan_dataset
 from sidestep.data.dataset import collate
@@ -144,9 +144,14 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
 
 
 def concentration_record(fmap: FisherMap) -> dict[str, dict]:
-    """Per measure the map records (probe, need): its top-10% share and per-module value per parameter."""
-    return {field: {"top10_share": c.top10_share, "per_param": dict(c.per_module)}
-            for field, c in concentrations(fmap).items()}
+    """Per measure the map records (probe, need): its top-10% share and per-module value per parameter; for the
+    probe also the share of the base's evaluation loss its training removed (how much the data asks at all)."""
+    record = {field: {"top10_share": c.top10_share, "per_param": dict(c.per_module)}
+              for field, c in concentrations(fmap).items()}
+    probe = fmap.extra.get(PROBE_FIELD)
+    if PROBE_FIELD in record and probe.get("loss_before"):
+        record[PROBE_FIELD]["relative_fall"] = 1.0 - probe["loss_probed"] / probe["loss_before"]
+    return record
 
 
 def _scaled(weights: dict[str, int], target: int, shapes) -> dict[str, int]:
