@@ -141,22 +141,23 @@ def _own_sample_control(loaded, conditions, root: Path, args, cfg: CellConfig, r
     """The analysis on samples drawn from the planted base itself: how concentrated is the need there?"""
     folder = root / "own"
     write_split(folder, own_samples(loaded.transformer, conditions, args.ode_steps, 1))
-    b = cfg.budget
-    acfg = AnalysisConfig(dataset_dir=folder, output=root / "own-map.json", base_rank=b.base, rank_min=b.lo,
-                          rank_max=b.hi, rank_step=b.step, budget="flat", write_init=False, seed=0)
-    outcome = analyze_dataset(acfg, loaded.entry, runtime, loader=lambda _e, _r: loaded)
-    return {"concentration": concentration_record(outcome.map)}
+    return {"concentration": _control_analysis(loaded, folder, root / "own-map.json", cfg, runtime)}
 
 
 def _teacher_control(teacher, root: Path, cfg: CellConfig, runtime) -> dict:
     """The analysis of the teacher on the same training data: a model that already generates this law, so the
     data asks it for no change. Its measure must be less concentrated, and its loss fall smaller, than the
     planted base's."""
+    return {"teacher": _control_analysis(teacher, root / "train", root / "teacher-map.json", cfg, runtime)}
+
+
+def _control_analysis(loaded, folder: Path, output: Path, cfg: CellConfig, runtime) -> dict:
+    """The default analysis (seed 0, flat budget) of `loaded` on `folder`: what the map's measures record."""
     b = cfg.budget
-    acfg = AnalysisConfig(dataset_dir=root / "train", output=root / "teacher-map.json", base_rank=b.base,
-                          rank_min=b.lo, rank_max=b.hi, rank_step=b.step, budget="flat", write_init=False, seed=0)
-    outcome = analyze_dataset(acfg, teacher.entry, runtime, loader=lambda _e, _r: teacher)
-    return {"teacher": concentration_record(outcome.map)}
+    acfg = AnalysisConfig(dataset_dir=folder, output=output, base_rank=b.base, rank_min=b.lo, rank_max=b.hi,
+                          rank_step=b.step, budget="flat", write_init=False, seed=0)
+    outcome = analyze_dataset(acfg, loaded.entry, runtime, loader=lambda _e, _r: loaded)
+    return concentration_record(outcome.map)
 
 
 def summarize(records: list[dict], cells: list[dict], plants: list[dict], controls: list[dict]) -> dict:
@@ -212,17 +213,19 @@ def _differential(cells: list[dict], controls: list[dict]) -> dict:
         same = [rho(of(v[0])["per_param"], of(v[1])["per_param"]) for v in by_plant.values() if len(v) > 1]
         firsts = [of(v[0])["per_param"] for v in by_plant.values()]
         across = [rho(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]]
+        owns = [of(c) for c in controls if of(c)]
+        teachers = [c["teacher"][field] for c in controls if field in c.get("teacher", {})]
         planted_share = [of(c)["top10_share"] for c in cells]
-        own_share = [of(c)["top10_share"] for c in controls if of(c)]
-        teacher_share = [c["teacher"][field]["top10_share"] for c in controls if field in c.get("teacher", {})]
+        own_share = [r["top10_share"] for r in owns]
+        teacher_share = [r["top10_share"] for r in teachers]
         out[field] = {"planted_top10_share": planted_share, "own_samples_top10_share": own_share,
                       "own_below_every_planted": bool(own_share and max(own_share) < min(planted_share)),
                       "teacher_top10_share": teacher_share,
                       "teacher_below_every_planted": bool(teacher_share and max(teacher_share) < min(planted_share)),
                       "spearman_same_data_two_seeds": same, "spearman_two_plants": across}
         falls = {"planted": [of(c).get("relative_fall") for c in cells],
-                 "own_samples": [of(c).get("relative_fall") for c in controls if of(c)],
-                 "teacher": [c["teacher"][field].get("relative_fall") for c in controls if field in c.get("teacher", {})]}
+                 "own_samples": [r.get("relative_fall") for r in owns],
+                 "teacher": [r.get("relative_fall") for r in teachers]}
         if all(v is not None for values in falls.values() for v in values) and falls["planted"]:
             out[field]["relative_fall"] = falls
     return out
