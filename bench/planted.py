@@ -55,6 +55,7 @@ PRESETS = {
                   rank_step=1, damage=0.002, max_scale=2.0, ode_steps=4),
 }
 ARM_LABELS = {"flat": "flat LoRA, all targets", "oracle": "oracle: planted modules, ranks ∝ true ranks",
+              "oracle_sibling": "oracle with planted MLP gate/up moved to the partner",
               "planted_equal": "planted modules, equal ranks", "reference": "reference rule (Side-Step)",
               "control": f"control: permuted map ({DEFAULT_SIGNAL})",
               **{f"map_{s}": f"our map, --rank-signal {s}" + (" (default)" if s == DEFAULT_SIGNAL else "")
@@ -193,9 +194,11 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
                                 f"{'' if word.startswith('no') else ' than'} flat")
     signals = sorted({s for c in cells for s in c["precision_top_S"]})
     precision = {s: statistics.fmean(c["precision_top_S"][s] for c in cells) for s in signals}
+    partner = {s: statistics.fmean(c["precision_top_S_with_partner"][s] for c in cells) for s in signals
+               if all("precision_top_S_with_partner" in c for c in cells)}
     differential = _differential(cells, controls)
-    return {"arms": arms, "precision_top_S": precision, "plants": plants, "differential_control": differential,
-            "verdicts": verdicts}
+    return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner, "plants": plants,
+            "differential_control": differential, "verdicts": verdicts}
 
 
 def _differential(cells: list[dict], controls: list[dict]) -> dict:
@@ -228,6 +231,8 @@ def _differential(cells: list[dict], controls: list[dict]) -> dict:
                  "teacher": [r.get("relative_fall") for r in teachers]}
         if all(v is not None for values in falls.values() for v in values) and falls["planted"]:
             out[field]["relative_fall"] = falls
+            out[field]["teacher_fall_below_every_planted"] = bool(falls["teacher"]
+                                                                  and max(falls["teacher"]) < min(falls["planted"]))
     return out
 
 
@@ -254,6 +259,10 @@ def markdown(summary: dict, command: str) -> str:
         return f"{min(values):.2f}–{max(values):.2f}" if values else "—"
     lines += ["", "Precision of the planted modules among each signal's top-|S|: " +
               ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S"].items()), "",
+              "The same, counting a planted MLP gate or up projection as found when its partner is in the top-|S| "
+              "(the oracle with those moved to the partner is the arm `oracle_sibling`): " +
+              (", ".join(f"{k} {v:.2f}" for k, v in summary.get("precision_top_S_with_partner", {}).items()) or "—"),
+              "",
               "Differential control (targets: own samples below every planted share; two seeds ≥ 0.95; two plants "
               "≤ 0.5; and the teacher, which needs no change, below every planted share):", "",
               "| measure | top-10% share, planted | top-10% share, own samples | own below every planted | "
@@ -269,7 +278,8 @@ def markdown(summary: dict, command: str) -> str:
             f = d["relative_fall"]
             pct = lambda v: f"{min(v):.1%}–{max(v):.1%}" if v else "—"  # noqa: E731
             lines += ["", f"Share of the base's evaluation loss the {field} removed: planted {pct(f['planted'])}, "
-                          f"own samples {pct(f['own_samples'])}, teacher {pct(f['teacher'])}."]
+                          f"own samples {pct(f['own_samples'])}, teacher {pct(f['teacher'])} (teacher below every "
+                          f"planted: {'yes' if d.get('teacher_fall_below_every_planted') else 'no'})."]
     return "\n".join(lines + [""])
 
 

@@ -55,6 +55,10 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert 0 < probe["top10_share"] <= 1 and summary["top10_share"] == probe["top10_share"]
     assert summary["spread_evenly"] == probe["spread_evenly"] and summary["concentration_measure"] == "probe loss fall"
     assert ("The probe loss fall is spread evenly" in err) or ("The probe loss fall is concentrated" in err)
+    # how much the data asks at all: the share of the loss the probe removed, from the losses the map records
+    fall = (probe["loss_before"] - probe["loss_probed"]) / probe["loss_before"]
+    assert 0 < fall < 1 and summary["probe_loss_fall"] == pytest.approx(fall)
+    assert f"The probe lowered the model's loss on this data by {fall:.1%}." in err
 
 
 def test_probe_signal_runs_the_probe_with_the_given_steps_and_lr(monkeypatch, capsys, checkpoint_root, dataset_dir):

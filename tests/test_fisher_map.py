@@ -21,6 +21,8 @@ from sidestep.analysis.fisher_map import (
     SampleCoverage,
     TimestepParams,
     ToolInfo,
+    concentration_summary,
+    concentrations,
     from_json_dict,
     read_map,
     to_json_dict,
@@ -28,6 +30,7 @@ from sidestep.analysis.fisher_map import (
 )
 from sidestep.analysis.fisher_map import _Decoder
 from sidestep.analysis.modules import PROJECTIONS, ModuleShape, suffix_of, targetable_modules
+from sidestep.analysis.report import concentration_sentence
 from sidestep.errors import MapError
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -172,6 +175,22 @@ def test_overwrite_keeps_a_backup(tmp_path):
     assert backup.read_bytes() == first
     assert path.read_bytes() == V3.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fisher_map.json", "fisher_map.json.bak"]
+
+
+def test_concentration_reads_the_probes_loss_fall_and_tolerates_a_field_without_losses():
+    probe = {"top10_share": 0.5, "spread_evenly": False, "loss_before": 0.5, "loss_probed": 0.4,
+             "per_module": {"layers.0.mlp.up_proj": {"loss_share": 0.1, "score": 1e-4}}}
+    need = {"top10_share": 0.9, "spread_evenly": False,
+            "per_module": {"layers.0.mlp.up_proj": {"need": 1.0, "noise": 2.0, "need_per_param": 1e-3}}}
+    found = concentrations(dataclasses.replace(v3_map(), extra={"probe": probe, "need": need}))
+    assert found["probe"].loss_fall == pytest.approx(0.2) and found["need"].loss_fall is None
+    assert concentration_sentence(found["probe"]).startswith("The probe lowered the model's loss on this data by 20.0%.")
+    assert "lowered" not in concentration_sentence(found["need"])
+    for broken in ({"loss_before": 0.0}, {"loss_probed": "nan"}, {"loss_before": None}):
+        c = concentration_summary(dataclasses.replace(v3_map(), extra={"probe": probe | broken}))
+        assert c is not None and c.top10_share == 0.5 and c.loss_fall is None, broken
+    without = {k: v for k, v in probe.items() if not k.startswith("loss_")}  # a probe field with no losses: no fall
+    assert concentration_summary(dataclasses.replace(v3_map(), extra={"probe": without})).loss_fall is None
 
 
 def test_unknown_fields_are_kept_aside_and_written_back(tmp_path):

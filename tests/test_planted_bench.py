@@ -39,7 +39,7 @@ def quick_run(tmp_path_factory):
 
 def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_plant(quick_run):
     summary, records, full, tmp = quick_run
-    arms = ["flat", "oracle", "planted_equal", "map_data", "map_need", "reference", "control"]
+    arms = ["flat", "oracle", "oracle_sibling", "planted_equal", "map_data", "map_need", "reference", "control"]
     assert [r["arm"] for r in records] == arms * 4  # 2 plants × 2 seeds
     flat = {(r["plant"], r["seed"]): r["params"] for r in records if r["arm"] == "flat"}
     for rec in records:
@@ -48,9 +48,14 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
             assert math.isfinite(rec[key]), (rec["arm"], key)
     for cell in full["cells"]:
         assert cell["arms"]["oracle"]["planted_param_share"] == 1.0
+        sibling = cell["arms"]["oracle_sibling"]  # the same ranks, planted MLP gate/up moved to the partner
+        assert sibling["modules"] == cell["arms"]["oracle"]["modules"]
+        assert abs(sibling["params"] / cell["arms"]["oracle"]["params"] - 1) <= 0.01
         assert cell["arms"]["planted_equal"]["planted_recall"] == 1.0
         assert cell["arms"]["flat"]["planted_recall"] == 1.0
         assert set(cell["precision_top_S"]) == {"data", "need"}
+        for signal, value in cell["precision_top_S"].items():  # a partner in the top-|S| only adds hits
+            assert value <= cell["precision_top_S_with_partner"][signal] <= 1
     assert summary["arms"]["oracle"]["distill"]["mean"] < 1.0  # the oracle moves towards the teacher
     for arm in ("map_data", "control"):  # the share of the oracle's gain comes with its interval
         row = summary["arms"][arm]
@@ -102,7 +107,14 @@ def test_probe_is_less_concentrated_on_the_models_own_samples(quick_run):
 # The teacher analysed on the planted task's data (a model that already generates that law, so the data asks it
 # for nothing). Full benchmark: its probe removes 0.6–1.0% of its loss against 10–27% for the planted bases, and
 # its top-10% share is below every planted one on plants 0–3 (0.52–0.64 vs 0.65–0.84) but not on 4–7 (0.53–0.61
-# vs 0.55–0.86). The toy plants do too little damage to tell the two apart (about 1% fall on both).
+# vs 0.55–0.86). At toy sizes the plants do little damage, yet the falls still separate the two: 0.8–1.0% for the
+# teacher against 1.3–1.5% planted, while the top-10% shares overlap.
+def test_probe_removes_less_of_the_teachers_loss_than_of_any_planted_base(quick_run):
+    control = quick_run[0]["differential_control"]["probe"]
+    assert control["teacher_fall_below_every_planted"]
+    assert max(control["relative_fall"]["teacher"]) < min(control["relative_fall"]["planted"])
+
+
 @pytest.mark.xfail(strict=True, reason="open (issue 18): holds on plants 0–3 of the full benchmark, not on 4–7 "
                                        "nor at toy sizes")
 def test_probe_is_less_concentrated_for_the_teacher_than_for_any_planted_base(quick_run):

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from sidestep.analysis.config import AnalysisConfig, RankSignal
-from sidestep.analysis.fisher_map import PROBE_FIELD, FisherMap, concentrations
+from sidestep.analysis.fisher_map import FisherMap, concentrations
 from sidestep.analysis.run import analyze_dataset, build_map, signal_scores, with_probe
 from sidestep.data import DatasetSpec, scan_dataset
 from sidestep.data.dataset import collate
@@ -102,6 +102,8 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     target = flat.params
     arms: dict[str, Arm] = {"flat": flat}
     arms["oracle"] = matched_arm("oracle", _scaled(plant.ranks, target, shapes), shapes, b, target)
+    arms["oracle_sibling"] = matched_arm("oracle_sibling", _scaled(_mlp_siblings(plant.ranks), target, shapes), shapes,
+                                         b, target, notes=("the oracle with each planted MLP gate/up moved to its partner",))
     arms["planted_equal"] = matched_arm("planted_equal", _scaled(dict.fromkeys(plant.ranks, 1), target, shapes),
                                         shapes, b, target)
     if RankSignal.PROBE.value in cfg.signals and (result.probe is None or cfg.probe_lr is not None):
@@ -109,7 +111,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         result = with_probe(probe_cfg, loaded, result, scan)
     if result.probe is not None:  # the probe is a training run of its own, charged separately
         log(f"  probe {result.probe.seconds:.1f}s at lr {result.probe.lr_used:g}")
-    precision, maps = {}, {}
+    precision, partner_precision, maps = {}, {}, {}
     for signal in cfg.signals:
         fmap, _ = build_map(replace(acfg, rank_signal=signal), loaded, result, scan)
         maps[signal] = fmap
@@ -117,6 +119,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         scores = signal_scores(RankSignal(signal), result)
         top = sorted(scores, key=lambda n: (-scores[n], n))[: len(planted)]
         precision[signal] = len(planted & set(top)) / len(planted)
+        partner_precision[signal] = sum(n in top or mlp_partner(n) in top for n in planted) / len(planted)
     stats = result.by_name
     arms["reference"] = matched_arm("reference", reference_ranks({n: s.fisher for n, s in stats.items()},
                                                                  {n: float(s.weight_rank or 1) for n, s in stats.items()},
@@ -126,7 +129,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
                                   notes=("ranks of the default map shuffled over the same modules",))
     info = {"plant": plant.spec.seed, "seed": seed, "analysis_seconds": analysis_seconds, "flat_params": target,
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
-            "precision_top_S": precision, "concentration": concentration_record(outcome.map),
+            "precision_top_S": precision, "precision_top_S_with_partner": partner_precision, "concentration": concentration_record(outcome.map),
             "arms": {k: {"params": a.params, "modules": len(a.ranks),
                          "planted_param_share": _planted_share(a, planted, shapes),
                          "planted_recall": len(planted & set(a.ranks)) / len(planted), "notes": list(a.notes)}
@@ -146,11 +149,11 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
 def concentration_record(fmap: FisherMap) -> dict[str, dict]:
     """Per measure the map records (probe, need): its top-10% share and per-module value per parameter; for the
     probe also the share of the base's evaluation loss its training removed (how much the data asks at all)."""
-    record = {field: {"top10_share": c.top10_share, "per_param": dict(c.per_module)}
-              for field, c in concentrations(fmap).items()}
-    probe = fmap.extra.get(PROBE_FIELD)
-    if PROBE_FIELD in record and probe.get("loss_before"):
-        record[PROBE_FIELD]["relative_fall"] = 1.0 - probe["loss_probed"] / probe["loss_before"]
+    record = {}
+    for field, c in concentrations(fmap).items():
+        record[field] = {"top10_share": c.top10_share, "per_param": dict(c.per_module)}
+        if c.loss_fall is not None:
+            record[field]["relative_fall"] = c.loss_fall
     return record
 
 
@@ -158,6 +161,21 @@ def _scaled(weights: dict[str, int], target: int, shapes) -> dict[str, int]:
     """Ranks proportional to `weights` whose parameter count is near `target` (matched exactly afterwards)."""
     unit = sum(w * (shapes[n].in_features + shapes[n].out_features) for n, w in weights.items())
     return {n: max(1, round(w * target / unit)) for n, w in weights.items()}
+
+
+def mlp_partner(name: str) -> str:
+    """The other input projection of the same MLP for a gate or up projection (h = silu(gate x) ⊙ up x, so either
+    can rescale what the other got wrong); the name itself for every other module."""
+    for a, b in (("mlp.gate_proj", "mlp.up_proj"), ("mlp.up_proj", "mlp.gate_proj")):
+        if name.endswith(a):
+            return name[: -len(a)] + b
+    return name
+
+
+def _mlp_siblings(ranks: dict[str, int]) -> dict[str, int]:
+    """The planted ranks with every MLP gate/up projection moved to its partner; kept where the partner is planted
+    too."""
+    return {(n if mlp_partner(n) in ranks else mlp_partner(n)): r for n, r in ranks.items()}
 
 
 def _planted_share(arm: Arm, planted: set[str], shapes) -> float:

@@ -563,12 +563,15 @@ class Concentration:
         top10_share: share of the total, per parameter, held by the top 10% of modules (0.10 = even).
         spread_evenly: True when that share is low enough that a flat LoRA should do as well.
         per_module: original module name -> the measure per rank-1 LoRA parameter.
+        loss_fall: the share of the model's loss on the dataset that the probe removed, (before - probed) / before;
+            how much this data asks the model to change. None for the need, and for a probe field without losses.
     """
 
     measure: str
     top10_share: float
     spread_evenly: bool
     per_module: dict[str, float]
+    loss_fall: float | None = None
 
 
 def concentration_summary(fmap: FisherMap) -> Concentration | None:
@@ -589,7 +592,19 @@ def concentrations(fmap: FisherMap) -> dict[str, Concentration]:
         try:
             share = float(raw["top10_share"])
             modules = {str(k): float(v[key]) for k, v in raw["per_module"].items()}
-            found[name] = Concentration(measure, share, bool(raw["spread_evenly"]), modules)
+            found[name] = Concentration(measure, share, bool(raw["spread_evenly"]), modules,
+                                        _relative_fall(raw) if name == PROBE_FIELD else None)
         except (TypeError, KeyError, ValueError, AttributeError):
             continue
     return found
+
+
+def _relative_fall(raw: dict) -> float | None:
+    """(loss_before - loss_probed) / loss_before of a probe field; None when the losses are missing or unusable."""
+    try:
+        before, probed = float(raw["loss_before"]), float(raw["loss_probed"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    if not (math.isfinite(before) and math.isfinite(probed)) or before <= 0:
+        return None
+    return (before - probed) / before

@@ -57,9 +57,13 @@ def concentration_sentence(c: Concentration) -> str:
     """The plain sentence the preview prints about how concentrated the demand is."""
     share = f"the top 10% of modules hold {c.top10_share:.0%} of it"
     if c.spread_evenly:
-        return (f"The {c.measure} is spread evenly over the modules ({share}): a flat LoRA will likely do as well "
-                "on this dataset.")
-    return f"The {c.measure} is concentrated: {share}."
+        where = (f"The {c.measure} is spread evenly over the modules ({share}): a flat LoRA will likely do as well "
+                 "on this dataset.")
+    else:
+        where = f"The {c.measure} is concentrated: {share}."
+    if c.loss_fall is None:
+        return where
+    return f"The probe lowered the model's loss on this data by {c.loss_fall:.1%}. {where}"
 
 
 def build_preview(fmap: FisherMap) -> Preview:

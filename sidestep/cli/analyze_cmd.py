@@ -202,6 +202,7 @@ def summary_json(outcome) -> dict[str, Any]:
         "concentration_measure": demand.measure if demand else None,
         "top10_share": demand.top10_share if demand else None,
         "spread_evenly": demand.spread_evenly if demand else None,
+        "probe_loss_fall": demand.loss_fall if demand else None,
         "warnings": list(outcome.warnings),
         "skipped": list(outcome.skipped),
         "seconds": round(outcome.result.seconds, 3),
