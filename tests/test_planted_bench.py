@@ -51,6 +51,7 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
         sibling = cell["arms"]["oracle_sibling"]  # the same ranks, planted MLP gate/up moved to the partner
         assert sibling["modules"] == cell["arms"]["oracle"]["modules"]
         assert abs(sibling["params"] / cell["arms"]["oracle"]["params"] - 1) <= 0.01
+        assert sibling["planted_or_partner_param_share"] == 1.0
         assert cell["arms"]["planted_equal"]["planted_recall"] == 1.0
         assert cell["arms"]["flat"]["planted_recall"] == 1.0
         assert set(cell["precision_top_S"]) == {"data", "need"}

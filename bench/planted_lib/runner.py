@@ -97,6 +97,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     scan = scan_dataset(data.train_dir, DatasetSpec.from_model_config(entry.config))
     result = outcome.result
     planted = set(plant.ranks)
+    with_partners = planted | {mlp_partner(n) for n in planted}
 
     flat = flat_arm(shapes, b)
     target = flat.params
@@ -129,9 +130,11 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
                                   notes=("ranks of the default map shuffled over the same modules",))
     info = {"plant": plant.spec.seed, "seed": seed, "analysis_seconds": analysis_seconds, "flat_params": target,
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
-            "precision_top_S": precision, "precision_top_S_with_partner": partner_precision, "concentration": concentration_record(outcome.map),
+            "precision_top_S": precision, "precision_top_S_with_partner": partner_precision,
+            "concentration": concentration_record(outcome.map),
             "arms": {k: {"params": a.params, "modules": len(a.ranks),
                          "planted_param_share": _planted_share(a, planted, shapes),
+                         "planted_or_partner_param_share": _planted_share(a, with_partners, shapes),
                          "planted_recall": len(planted & set(a.ranks)) / len(planted), "notes": list(a.notes)}
                      for k, a in arms.items()}}
     log(f"  analysis {analysis_seconds:.1f}s; precision@|S| " + ", ".join(f"{k} {v:.2f}" for k, v in precision.items()))
