@@ -194,8 +194,7 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
                                 f"{'' if word.startswith('no') else ' than'} flat")
     signals = sorted({s for c in cells for s in c["precision_top_S"]})
     precision = {s: statistics.fmean(c["precision_top_S"][s] for c in cells) for s in signals}
-    partner = {s: statistics.fmean(c["precision_top_S_with_partner"][s] for c in cells) for s in signals
-               if all("precision_top_S_with_partner" in c for c in cells)}
+    partner = {s: statistics.fmean(c["precision_top_S_with_partner"][s] for c in cells) for s in signals}
     differential = _differential(cells, controls)
     return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner, "plants": plants,
             "differential_control": differential, "verdicts": verdicts}
@@ -222,18 +221,22 @@ def _differential(cells: list[dict], controls: list[dict]) -> dict:
         own_share = [r["top10_share"] for r in owns]
         teacher_share = [r["top10_share"] for r in teachers]
         out[field] = {"planted_top10_share": planted_share, "own_samples_top10_share": own_share,
-                      "own_below_every_planted": bool(own_share and max(own_share) < min(planted_share)),
+                      "own_below_every_planted": _below_every(own_share, planted_share),
                       "teacher_top10_share": teacher_share,
-                      "teacher_below_every_planted": bool(teacher_share and max(teacher_share) < min(planted_share)),
+                      "teacher_below_every_planted": _below_every(teacher_share, planted_share),
                       "spearman_same_data_two_seeds": same, "spearman_two_plants": across}
         falls = {"planted": [of(c).get("relative_fall") for c in cells],
                  "own_samples": [r.get("relative_fall") for r in owns],
                  "teacher": [r.get("relative_fall") for r in teachers]}
         if all(v is not None for values in falls.values() for v in values) and falls["planted"]:
             out[field]["relative_fall"] = falls
-            out[field]["teacher_fall_below_every_planted"] = bool(falls["teacher"]
-                                                                  and max(falls["teacher"]) < min(falls["planted"]))
+            out[field]["teacher_fall_below_every_planted"] = _below_every(falls["teacher"], falls["planted"])
     return out
+
+
+def _below_every(values: list[float], planted: list[float]) -> bool:
+    """True when there are control values and all of them lie below the smallest planted one."""
+    return bool(values) and max(values) < min(planted)
 
 
 def markdown(summary: dict, command: str) -> str:
@@ -261,7 +264,7 @@ def markdown(summary: dict, command: str) -> str:
               ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S"].items()), "",
               "The same, counting a planted MLP gate or up projection as found when its partner is in the top-|S| "
               "(the oracle with those moved to the partner is the arm `oracle_sibling`): " +
-              (", ".join(f"{k} {v:.2f}" for k, v in summary.get("precision_top_S_with_partner", {}).items()) or "—"),
+              ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S_with_partner"].items()),
               "",
               "Differential control (targets: own samples below every planted share; two seeds ≥ 0.95; two plants "
               "≤ 0.5; and the teacher, which needs no change, below every planted share):", "",
@@ -270,8 +273,8 @@ def markdown(summary: dict, command: str) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for field, d in summary["differential_control"].items():
         lines.append(f"| {field} | {span(d['planted_top10_share'])} | {span(d['own_samples_top10_share'])} | "
-                     f"{'yes' if d['own_below_every_planted'] else 'no'} | {span(d.get('teacher_top10_share', []))} | "
-                     f"{'yes' if d.get('teacher_below_every_planted') else 'no'} | "
+                     f"{'yes' if d['own_below_every_planted'] else 'no'} | {span(d['teacher_top10_share'])} | "
+                     f"{'yes' if d['teacher_below_every_planted'] else 'no'} | "
                      f"{span(d['spearman_same_data_two_seeds'])} | {span(d['spearman_two_plants'])} |")
     for field, d in summary["differential_control"].items():
         if "relative_fall" in d:
@@ -279,7 +282,7 @@ def markdown(summary: dict, command: str) -> str:
             pct = lambda v: f"{min(v):.1%}–{max(v):.1%}" if v else "—"  # noqa: E731
             lines += ["", f"Share of the base's evaluation loss the {field} removed: planted {pct(f['planted'])}, "
                           f"own samples {pct(f['own_samples'])}, teacher {pct(f['teacher'])} (teacher below every "
-                          f"planted: {'yes' if d.get('teacher_fall_below_every_planted') else 'no'})."]
+                          f"planted: {'yes' if d['teacher_fall_below_every_planted'] else 'no'})."]
     return "\n".join(lines + [""])
 
 
