@@ -58,6 +58,7 @@ ARM_LABELS = {"flat": "flat LoRA, all targets", "oracle": "oracle: planted modul
               "oracle_sibling": "oracle with planted MLP gate/up moved to the partner",
               "planted_equal": "planted modules, equal ranks", "reference": "reference rule (Side-Step)",
               "control": f"control: permuted map ({DEFAULT_SIGNAL})",
+              "control_anywhere": f"control: the map's ranks on random modules ({DEFAULT_SIGNAL})",
               **{f"map_{s}": f"our map, --rank-signal {s}" + (" (default)" if s == DEFAULT_SIGNAL else "")
                  for s in SIGNALS}}
 
@@ -169,6 +170,7 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     flat = {key(r): r for r in by_arm["flat"]}
     oracle = {key(r): r for r in by_arm.get("oracle", [])}
     control = {key(r): r for r in by_arm.get("control", [])}
+    anywhere = {key(r): r for r in by_arm.get("control_anywhere", [])}
     arms, verdicts = {}, []
     for arm, recs in by_arm.items():
         row = {"label": ARM_LABELS.get(arm, arm), "n": len(recs), "params": sorted({r["params"] for r in recs})}
@@ -184,6 +186,8 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
             row["oracle_gain_share_ci95"] = share["ci95_boot"]
         if arm.startswith("map_") and control:
             row["distill_vs_control"] = paired([r["distill"] - control[key(r)]["distill"] for r in recs])
+        if arm.startswith("map_") and anywhere:
+            row["distill_vs_control_anywhere"] = paired([r["distill"] - anywhere[key(r)]["distill"] for r in recs])
         arms[arm] = row
         for metric in ("distill", "forgetting"):
             stat = row.get(f"{metric}_vs_flat")
@@ -249,7 +253,8 @@ def markdown(summary: dict, command: str) -> str:
         return f"{stat['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
     lines = [f"Command: `{command}`", "",
              "| arm | params | distill error (mean ± std) | Δ distill vs flat [95% CI] | share of oracle gain [95% CI] | "
-             "Δ test loss vs flat | Δ forgetting vs flat | Δ distill vs control |", "|---|---|---|---|---|---|---|---|"]
+             "Δ test loss vs flat | Δ forgetting vs flat | Δ distill vs control | Δ distill vs its ranks on random modules |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, row in summary["arms"].items():
         d = row["distill"]
         share, share_ci = row.get("oracle_gain_share"), row.get("oracle_gain_share_ci95")
@@ -257,7 +262,7 @@ def markdown(summary: dict, command: str) -> str:
         lines.append(f"| {row['label']} | {'/'.join(map(str, row['params']))} | {d['mean']:.4f} ± {d['std']:.4f} | "
                      f"{ci(row.get('distill_vs_flat'))} | {share_text} | "
                      f"{ci(row.get('test_loss_vs_flat'))} | {ci(row.get('forgetting_vs_flat'))} | "
-                     f"{ci(row.get('distill_vs_control'))} |")
+                     f"{ci(row.get('distill_vs_control'))} | {ci(row.get('distill_vs_control_anywhere'))} |")
     def span(values: list[float]) -> str:
         return f"{min(values):.2f}–{max(values):.2f}" if values else "—"
     lines += ["", "Precision of the planted modules among each signal's top-|S|: " +

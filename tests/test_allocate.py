@@ -13,6 +13,7 @@ from sidestep.analysis.allocate import (
     RankBudget,
     allocate_ranks,
     random_permutation_control,
+    saturating_ranks,
     select_modules,
     size_signal,
 )
@@ -324,6 +325,46 @@ def test_flat_mode_saturates_at_max_when_the_budget_cannot_be_spent():
     alloc = allocate_ranks({"a": 1.0, "b": 2.0}, selected, RankBudget(mode="flat"), all_shapes)
     assert alloc.ranks == {"a": 128, "b": 128}
     assert alloc.trainable_params < alloc.flat_equivalent_params
+
+
+# ---- saturating ranks (probe maps, flat budget) ------------------------------------------------------
+
+
+def test_saturating_ranks_grow_with_the_log_of_the_share():
+    shares = {"big": 10.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    budget = RankBudget(base=16, lo=1, hi=64, step=1, mode="flat")
+    alloc = saturating_ranks(shares, square(shares, 32), budget, scale=8.0)
+    # ten times the share buys scale · ln 10 ≈ 18 more rank; in proportion to the share it would be 40 against 8
+    equal = [alloc.ranks[n] for n in "bcd"]
+    assert max(equal) - min(equal) <= 1  # equal shares: equal ranks, up to the last step of the budget
+    assert alloc.ranks["big"] - min(equal) in (18, 19)
+    assert abs(alloc.trainable_params - alloc.flat_equivalent_params) <= 64
+    # a longer scale tends to the proportional ranks: the larger share takes more of the budget
+    assert saturating_ranks(shares, square(shares, 32), budget, scale=64.0).ranks["big"] > alloc.ranks["big"]
+
+
+def test_saturating_ranks_spend_the_flat_budget_on_ace_step_2b_shapes():
+    shapes = ace_2b_shapes()
+    budget = RankBudget(mode=BudgetMode.FLAT)
+    for seed in range(5):
+        rng = random.Random(seed)
+        shares = {n: rng.lognormvariate(0, 1.5) for n in shapes}
+        nothing = rng.sample(sorted(shapes), 3)
+        for name, value in zip(nothing, (0.0, -1.0, float("nan"))):
+            shares[name] = value
+        alloc = saturating_ranks(shares, shapes, budget, scale=2.0 * budget.base)
+        assert abs(alloc.trainable_params - alloc.flat_equivalent_params) <= 8 * _LARGEST_2B, seed
+        assert_valid(alloc, budget)
+        assert not set(nothing) & set(alloc.ranks)  # a fix that removed nothing never gets an adapter
+        per_param = {n: shares[n] / (shapes[n].in_features + shapes[n].out_features) for n in alloc.ranks}
+        order = sorted(alloc.ranks, key=lambda n: -per_param[n])
+        ranks = [alloc.ranks[n] for n in order]
+        assert ranks == sorted(ranks, reverse=True)  # more share per parameter, never less rank
+
+
+def test_saturating_ranks_reject_a_bad_scale():
+    with pytest.raises(ValueError, match="scale"):
+        saturating_ranks({"a": 1.0}, square(["a"]), RankBudget(mode="flat"), scale=0.0)
 
 
 # ---- permutation control --------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def quick_run(tmp_path_factory):
 
 def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_plant(quick_run):
     summary, records, full, tmp = quick_run
-    arms = ["flat", "oracle", "oracle_sibling", "planted_equal", "map_data", "map_need", "reference", "control"]
+    arms = ["flat", "oracle", "oracle_sibling", "planted_equal", "map_data", "map_need", "reference", "control",
+            "control_anywhere"]
     assert [r["arm"] for r in records] == arms * 4  # 2 plants × 2 seeds
     flat = {(r["plant"], r["seed"]): r["params"] for r in records if r["arm"] == "flat"}
     for rec in records:
@@ -53,11 +54,14 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
         assert abs(sibling["params"] / cell["arms"]["oracle"]["params"] - 1) <= 0.01
         assert sibling["planted_or_partner_param_share"] == 1.0
         assert cell["arms"]["planted_equal"]["planted_recall"] == 1.0
+        # the two controls: the map's ranks shuffled over its own modules, and the same ranks on random modules
+        assert cell["arms"]["control_anywhere"]["modules"] == cell["arms"]["control"]["modules"]
         assert cell["arms"]["flat"]["planted_recall"] == 1.0
         assert set(cell["precision_top_S"]) == {"data", "need"}
         for signal, value in cell["precision_top_S"].items():  # a partner in the top-|S| only adds hits
             assert value <= cell["precision_top_S_with_partner"][signal] <= 1
     assert summary["arms"]["oracle"]["distill"]["mean"] < 1.0  # the oracle moves towards the teacher
+    assert {"distill_vs_control", "distill_vs_control_anywhere"} <= set(summary["arms"]["map_data"])
     for arm in ("map_data", "control"):  # the share of the oracle's gain comes with its interval
         row = summary["arms"][arm]
         lo, hi = row["oracle_gain_share_ci95"]

@@ -16,12 +16,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sidestep.analysis.allocate import select_modules
+from sidestep.analysis.allocate import saturating_ranks
 from sidestep.analysis.config import AnalysisConfig, RankSignal
 from sidestep.analysis.fisher_map import PROBE_FIELD, read_map
 from sidestep.analysis.modules import targetable_modules
 from sidestep.analysis.probe import ProbeSettings, measure_probe
-from sidestep.analysis.run import analyze_dataset
+from sidestep.analysis.run import PROBE_SATURATION, analyze_dataset
 from sidestep.data import DatasetSpec, scan_dataset
 from sidestep.errors import ConfigError, Interrupted
 from sidestep.models import find_model, load_model, original_to_diffusers, resolve_runtime
@@ -113,8 +113,11 @@ def test_analyze_with_the_probe_signal_sizes_the_map_from_the_probe_and_records_
     assert (field["steps"], field["rank"], field["lr"]) == (4, 4, 1e-2)
     scores = {n: v["score"] for n, v in field["per_module"].items()}
     assert set(scores) == set(targetable_modules(loaded.num_layers))
-    chosen = set(select_modules(scores))  # selection follows the probe, not Fisher
-    assert fmap.rank_pattern and set(fmap.rank_pattern) <= chosen
+    # --budget flat water-fills on the probe's shares, with a gain that saturates every 2·--rank ranks
+    shares = {n: v["loss_share"] for n, v in field["per_module"].items()}
+    shapes = {m.name: m.shape for m in outcome.result.modules}
+    expected = saturating_ranks(shares, shapes, config.rank_budget, PROBE_SATURATION * config.base_rank)
+    assert fmap.rank_pattern == expected.ranks
     assert max(scores, key=scores.get) in fmap.rank_pattern
     by_score = sorted(fmap.rank_pattern, key=lambda n: -scores[n])
     ranks = [fmap.rank_pattern[n] for n in by_score]

@@ -23,7 +23,7 @@ from sidestep.training.adapters import module_shapes
 from sidestep.training.config import TrainConfig
 from sidestep.training.run import train
 
-from quality_lib.allocation import permuted, reference_ranks
+from quality_lib.allocation import permuted, reference_ranks, scattered
 from quality_lib.arms import Arm, Budget, flat_arm, matched_arm
 from quality_lib.base_model import MODEL_FOLDER
 from quality_lib.evaluate import EvalSet, eval_loss
@@ -128,6 +128,8 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     default = arms[f"map_{DEFAULT_SIGNAL}"] if f"map_{DEFAULT_SIGNAL}" in arms else arms[f"map_{cfg.signals[0]}"]
     arms["control"] = matched_arm("control", permuted(default.ranks, seed), shapes, b, target,
                                   notes=("ranks of the default map shuffled over the same modules",))
+    arms["control_anywhere"] = matched_arm("control_anywhere", scattered(default.ranks, list(shapes), seed), shapes, b,
+                                           target, notes=("ranks of the default map on randomly drawn modules",))
     info = {"plant": plant.spec.seed, "seed": seed, "analysis_seconds": analysis_seconds, "flat_params": target,
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
             "precision_top_S": precision, "precision_top_S_with_partner": partner_precision,

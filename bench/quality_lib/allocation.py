@@ -5,6 +5,7 @@
   with S the weight effective rank, rounded to the rank step and clamped; alpha = 2·rank.
 - `match_budget`: scale a rank map (shape preserved) until Σ r·(in+out) is within a tolerance of a target.
 - `permuted`: the control, a seeded shuffle of a rank histogram over the same modules.
+- `scattered`: the same histogram on randomly drawn modules (the planted bench's second control).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from sidestep.analysis.modules import Category, ModuleShape, category_of
 
@@ -50,6 +51,15 @@ def permuted(ranks: Mapping[str, int], seed: int) -> dict[str, int]:
     return dict(zip(names, values))
 
 
+def scattered(ranks: Mapping[str, int], names: Sequence[str], seed: int) -> dict[str, int]:
+    """The same multiset of ranks on as many modules drawn at random from `names` (seeded): what the ranks are
+    worth without the choice of modules."""
+    values = list(ranks.values())
+    rng = random.Random(seed)
+    rng.shuffle(values)
+    return dict(zip(sorted(rng.sample(sorted(names), len(values))), values))
+
+
 def match_budget(ranks: Mapping[str, int], shapes: Mapping[str, ModuleShape], target: int, step: int, lo: int,
                  hi: int, tolerance: float = 0.005) -> dict[str, int]:
     """`ranks` if already within `tolerance` of `target` parameters; else the same shape rescaled to it.
@@ -78,13 +88,28 @@ def match_budget(ranks: Mapping[str, int], shapes: Mapping[str, ModuleShape], ta
             break
         grow = gap > 0
         movable = [n for n in out if (out[n] + step <= hi if grow else out[n] - step >= lo)
-                   and step * size[n] <= 2 * abs(gap)]
-        if not movable:
-            break
+                   and step * size[n] < 2 * abs(gap)]  # strictly closer, or two modules trade the gap forever
+        if not movable:  # every single step overshoots: one module up and another down may still close the gap
+            swap = _closer_swap(out, size, gap, step, lo, hi)
+            if swap is None:
+                break
+            out[swap[0]] += step
+            out[swap[1]] -= step
+            continue
         err = {n: (c * ranks[n] - out[n]) * (1 if grow else -1) for n in movable}
         pick = max(movable, key=lambda n: (err[n], n))
         out[pick] += step if grow else -step
     return out
+
+
+def _closer_swap(ranks: Mapping[str, int], size: Mapping[str, int], gap: int, step: int, lo: int,
+                 hi: int) -> tuple[str, str] | None:
+    """(up, down): the pair of one-step moves that leaves the smallest |gap|, if it is smaller than now."""
+    ups = [n for n in ranks if ranks[n] + step <= hi]
+    downs = [n for n in ranks if ranks[n] - step >= lo]
+    pairs = [(abs(gap - step * (size[u] - size[d])), u, d) for u in ups for d in downs if u != d]
+    best = min(pairs, default=None)
+    return (best[1], best[2]) if best is not None and best[0] < abs(gap) else None
 
 
 def _round_to(x: float, step: int) -> int:

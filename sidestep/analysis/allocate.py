@@ -34,6 +34,7 @@ __all__ = [
     "concentration",
     "water_fill_ranks",
     "random_permutation_control",
+    "saturating_ranks",
     "select_modules",
     "size_signal",
 ]
@@ -254,6 +255,34 @@ def water_fill_ranks(
         trainable_params=sum(shapes[name].lora_params(rank) for name, rank in ranks.items()),
         flat_equivalent_params=target,
     )
+
+
+def saturating_ranks(shares: Mapping[str, float], shapes: Mapping[str, ModuleShape], budget: RankBudget,
+                     scale: float) -> Allocation:
+    """Water-fill the flat budget on loss shares whose gain saturates with rank.
+
+    Args:
+        shares: per targetable module, the loss its fix removes (values <= 0, or not finite, are nothing).
+        shapes: the shape of every module in `shares`; the flat budget is `budget.base` on all of them.
+        budget: the validated flat budget (step and bounds respected, as in `water_fill_ranks`).
+        scale: how many ranks it takes for a module's remaining gain to fall e-fold (> 0).
+
+    Rank r of module m is modelled to gain share_m · (1 − e^(−r/scale)): every rank step removes the same
+    fraction of what is left. Water-filling that gives each module a rank that grows with the *logarithm* of
+    its share per parameter, so a module that holds ten times the share gets scale·ln 10 more rank, not ten
+    times the rank: a share says how much loss a module's fix removes, not how many directions the fix needs.
+    """
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number of ranks, got {scale!r}.")
+    decay = math.exp(-1.0 / scale)
+    length = budget.rank_range[1]
+    spectra = {name: [_positive(share) * (1 - decay) * decay ** j for j in range(length)]
+               for name, share in shares.items()}
+    return water_fill_ranks(spectra, shapes, budget)
+
+
+def _positive(value: float) -> float:
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def concentration(need: Mapping[str, float], fraction: float = 0.10) -> float:

@@ -19,6 +19,7 @@ from sidestep.analysis.allocate import (
     BudgetMode,
     allocate_ranks,
     concentration,
+    saturating_ranks,
     select_modules,
     size_signal,
     water_fill_ranks,
@@ -54,6 +55,9 @@ __all__ = ["AnalysisOutcome", "analyze_dataset", "build_map", "check_output", "p
 SMALL_DATASET = 5
 # Below this share of the total need in the top 10% of modules the need counts as spread evenly (uniform: 0.10).
 SPREAD_EVENLY_BELOW = 0.25
+# A probe map under --budget flat: a module's gain falls e-fold every PROBE_SATURATION · --rank ranks. Twice the
+# flat rank recovered the most of the oracle's gain on bench/planted.py (docs/data-awareness.md, "Sizing").
+PROBE_SATURATION = 2.0
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,8 @@ def _allocate(config: AnalysisConfig, result: AnalysisResult, shapes: dict) -> A
         selected = select_modules(scores, config.inclusion, config.category_floor)
         return allocate_ranks({n: scores[n] for n in selected}, {n: shapes[n] for n in selected}, budget, shapes)
     if config.rank_signal is RankSignal.PROBE:
+        if budget.mode is BudgetMode.FLAT:
+            return saturating_ranks(_probe_of(result).share, shapes, budget, PROBE_SATURATION * budget.base)
         scores = _probe_of(result).scores
         selected = select_modules(scores, config.inclusion, config.category_floor)
         return allocate_ranks({n: scores[n] for n in selected}, {n: shapes[n] for n in selected}, budget, shapes)
