@@ -104,7 +104,8 @@ AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha 
 RankSignalOpt = Annotated[
     str, typer.Option("--rank-signal", help="What selects and sizes the modules: probe (default: each module's "
                                             "share of a short LoRA probe's loss fall; the only one that wins on "
-                                            "the planted benchmark), need (noise-free mean gradient; water-filling under "
+                                            "the planted benchmark; under --budget flat its ranks grow with the "
+                                            "log of the share), need (noise-free mean gradient; water-filling under "
                                             "--budget flat), data (gradient sketch rank), fisher (score only), "
                                             "weight (reference's weight SVD) or grad-energy.",
                                             rich_help_panel=ADVANCED)
