@@ -12,6 +12,9 @@ Choices where docs/algorithm.md §4 leaves room:
   are capped at `base` and those above raised to `base`, so `statistics.median(ranks) == base`.
 - Flat mode: bisection on the scale, then largest-remainder fix-up moves of one step (see `_next_move`);
   if even every module at `--rank-max` cannot spend the budget, all of them get `--rank-max`.
+- Flat mode by water-filling (`water_fill_ranks`: the need's spectrum; `saturating_ranks`: the probe's loss
+  shares with a gain that saturates with rank, docs/data-awareness.md): one step at a time to the largest
+  gain per parameter, no selection rule, the total within one step of the flat budget.
 """
 
 from __future__ import annotations
