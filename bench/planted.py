@@ -7,7 +7,8 @@ fine-tuned with the project's own `train()` at the parameter count of flat LoRA 
 distillation error against the teacher on fixed seeded inputs (1 = the planted base, 0 = the teacher), next to
 the flow-matching test loss and forgetting (loss change on another law). Arms: flat; oracle (the planted modules,
 ranks ∝ true ranks); planted modules at equal ranks; our map for each --rank-signal (--budget flat); the
-reference (Side-Step) rule; the random-permutation control of the default map. The LR is chosen on validation.
+reference (Side-Step) rule; the random-permutation control of the default map, and its ranks on randomly drawn
+modules. The LR is chosen on validation.
 
     python bench/planted.py                 # default: plants 0-3 × seeds 0,1 (n = 8 paired cells)
     python bench/planted.py --quick         # CI smoke (tiny sizes, one cell, one LR)
@@ -169,8 +170,7 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     key = lambda r: (r["plant"], r["seed"])  # noqa: E731
     flat = {key(r): r for r in by_arm["flat"]}
     oracle = {key(r): r for r in by_arm.get("oracle", [])}
-    control = {key(r): r for r in by_arm.get("control", [])}
-    anywhere = {key(r): r for r in by_arm.get("control_anywhere", [])}
+    against = {name: {key(r): r for r in by_arm.get(name, [])} for name in ("control", "control_anywhere")}
     arms, verdicts = {}, []
     for arm, recs in by_arm.items():
         row = {"label": ARM_LABELS.get(arm, arm), "n": len(recs), "params": sorted({r["params"] for r in recs})}
@@ -184,10 +184,9 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
                                    [flat[key(r)]["distill"] - oracle[key(r)]["distill"] for r in paired_cells])
             row["oracle_gain_share"] = share["ratio"]
             row["oracle_gain_share_ci95"] = share["ci95_boot"]
-        if arm.startswith("map_") and control:
-            row["distill_vs_control"] = paired([r["distill"] - control[key(r)]["distill"] for r in recs])
-        if arm.startswith("map_") and anywhere:
-            row["distill_vs_control_anywhere"] = paired([r["distill"] - anywhere[key(r)]["distill"] for r in recs])
+        for name, other in against.items():
+            if arm.startswith("map_") and other:
+                row[f"distill_vs_{name}"] = paired([r["distill"] - other[key(r)]["distill"] for r in recs])
         arms[arm] = row
         for metric in ("distill", "forgetting"):
             stat = row.get(f"{metric}_vs_flat")

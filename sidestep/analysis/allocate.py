@@ -279,13 +279,9 @@ def saturating_ranks(shares: Mapping[str, float], shapes: Mapping[str, ModuleSha
         raise ValueError(f"scale must be a positive number of ranks, got {scale!r}.")
     decay = math.exp(-1.0 / scale)
     length = budget.rank_range[1]
-    spectra = {name: [_positive(share) * (1 - decay) * decay ** j for j in range(length)]
-               for name, share in shares.items()}
+    # water_fill_ranks counts a gain <= 0 or not finite as nothing, so such a share never enters
+    spectra = {name: [share * (1 - decay) * decay ** j for j in range(length)] for name, share in shares.items()}
     return water_fill_ranks(spectra, shapes, budget)
-
-
-def _positive(value: float) -> float:
-    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def concentration(need: Mapping[str, float], fraction: float = 0.10) -> float:
