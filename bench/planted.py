@@ -58,6 +58,8 @@ PRESETS = {
 ARM_LABELS = {"flat": "flat LoRA, all targets", "oracle": "oracle: planted modules, ranks ∝ true ranks",
               "oracle_sibling": "oracle with planted MLP gate/up moved to the partner",
               "planted_equal": "planted modules, equal ranks", "reference": "reference rule (Side-Step)",
+              "oracle_control": "control: the oracle's ranks permuted over the planted modules",
+              "map_median": f"our map, --budget median, rescaled to the flat budget ({DEFAULT_SIGNAL})",
               "control": f"control: permuted map ({DEFAULT_SIGNAL})",
               "control_anywhere": f"control: the map's ranks on random modules ({DEFAULT_SIGNAL})",
               **{f"map_{s}": f"our map, --rank-signal {s}" + (" (default)" if s == DEFAULT_SIGNAL else "")
@@ -170,7 +172,7 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     key = lambda r: (r["plant"], r["seed"])  # noqa: E731
     flat = {key(r): r for r in by_arm["flat"]}
     oracle = {key(r): r for r in by_arm.get("oracle", [])}
-    against = {name: {key(r): r for r in by_arm.get(name, [])} for name in ("control", "control_anywhere")}
+    runs = {name: {key(r): r for r in by_arm.get(name, [])} for name in ("control", "control_anywhere", "oracle_control")}
     arms, verdicts = {}, []
     for arm, recs in by_arm.items():
         row = {"label": ARM_LABELS.get(arm, arm), "n": len(recs), "params": sorted({r["params"] for r in recs})}
@@ -184,8 +186,8 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
                                    [flat[key(r)]["distill"] - oracle[key(r)]["distill"] for r in paired_cells])
             row["oracle_gain_share"] = share["ratio"]
             row["oracle_gain_share_ci95"] = share["ci95_boot"]
-        for name, other in against.items():
-            if arm.startswith("map_") and other:
+        for name, other in _controls_of(arm, runs).items():
+            if other:
                 row[f"distill_vs_{name}"] = paired([r["distill"] - other[key(r)]["distill"] for r in recs])
         arms[arm] = row
         for metric in ("distill", "forgetting"):
@@ -201,6 +203,17 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     differential = _differential(cells, controls)
     return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner, "plants": plants,
             "differential_control": differential, "verdicts": verdicts}
+
+
+def _controls_of(arm: str, runs: dict[str, dict]) -> dict[str, dict]:
+    """The control runs an arm is judged against. Every map against the default map's two controls; the oracle
+    against its own permutation, which says whether a permutation control can tell good sizing from bad on this
+    task at all."""
+    if arm == "oracle":
+        return {"control": runs["oracle_control"]}
+    if arm.startswith("map_"):
+        return {name: runs[name] for name in ("control", "control_anywhere")}
+    return {}
 
 
 def _differential(cells: list[dict], controls: list[dict]) -> dict:

@@ -39,8 +39,8 @@ def quick_run(tmp_path_factory):
 
 def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_plant(quick_run):
     summary, records, full, tmp = quick_run
-    arms = ["flat", "oracle", "oracle_sibling", "planted_equal", "map_data", "map_need", "reference", "control",
-            "control_anywhere"]
+    arms = ["flat", "oracle", "oracle_sibling", "oracle_control", "planted_equal", "map_data", "map_need",
+            "map_median", "reference", "control", "control_anywhere"]
     assert [r["arm"] for r in records] == arms * 4  # 2 plants × 2 seeds
     flat = {(r["plant"], r["seed"]): r["params"] for r in records if r["arm"] == "flat"}
     for rec in records:
@@ -54,6 +54,9 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
         assert abs(sibling["params"] / cell["arms"]["oracle"]["params"] - 1) <= 0.01
         assert sibling["planted_or_partner_param_share"] == 1.0
         assert cell["arms"]["planted_equal"]["planted_recall"] == 1.0
+        # the oracle's own permutation keeps the planted modules and only moves their ranks
+        assert cell["arms"]["oracle_control"]["planted_param_share"] == 1.0
+        assert cell["arms"]["oracle_control"]["modules"] == cell["arms"]["oracle"]["modules"]
         # the two controls: the map's ranks shuffled over its own modules, and the same ranks on random modules
         assert cell["arms"]["control_anywhere"]["modules"] == cell["arms"]["control"]["modules"]
         assert cell["arms"]["flat"]["planted_recall"] == 1.0
@@ -62,6 +65,8 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
             assert value <= cell["precision_top_S_with_partner"][signal] <= 1
     assert summary["arms"]["oracle"]["distill"]["mean"] < 1.0  # the oracle moves towards the teacher
     assert {"distill_vs_control", "distill_vs_control_anywhere"} <= set(summary["arms"]["map_data"])
+    assert "distill_vs_control" in summary["arms"]["oracle"]  # the oracle against its own permutation
+    assert "distill_vs_control" not in summary["arms"]["oracle_control"]
     for arm in ("map_data", "control"):  # the share of the oracle's gain comes with its interval
         row = summary["arms"][arm]
         lo, hi = row["oracle_gain_share_ci95"]

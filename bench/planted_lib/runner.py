@@ -105,6 +105,8 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     arms["oracle"] = matched_arm("oracle", _scaled(plant.ranks, target, shapes), shapes, b, target)
     arms["oracle_sibling"] = matched_arm("oracle_sibling", _scaled(_mlp_siblings(plant.ranks), target, shapes), shapes,
                                          b, target, notes=("the oracle with each planted MLP gate/up moved to its partner",))
+    arms["oracle_control"] = matched_arm("oracle_control", permuted(arms["oracle"].ranks, seed), shapes, b, target,
+                                         notes=("ranks of the oracle shuffled over the planted modules",))
     arms["planted_equal"] = matched_arm("planted_equal", _scaled(dict.fromkeys(plant.ranks, 1), target, shapes),
                                         shapes, b, target)
     if RankSignal.PROBE.value in cfg.signals and (result.probe is None or cfg.probe_lr is not None):
@@ -121,6 +123,10 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         top = sorted(scores, key=lambda n: (-scores[n], n))[: len(planted)]
         precision[signal] = len(planted & set(top)) / len(planted)
         partner_precision[signal] = sum(n in top or mlp_partner(n) in top for n in planted) / len(planted)
+    median_map, _ = build_map(replace(acfg, rank_signal=DEFAULT_SIGNAL, budget="median"), loaded, result, scan)
+    arms["map_median"] = matched_arm("map_median", median_map.rank_pattern, shapes, b, target,
+                                     notes=(f"the default map under --budget median ({median_map.trainable_params} "
+                                            "parameters), rescaled to the flat budget",))
     stats = result.by_name
     arms["reference"] = matched_arm("reference", reference_ranks({n: s.fisher for n, s in stats.items()},
                                                                  {n: float(s.weight_rank or 1) for n, s in stats.items()},
