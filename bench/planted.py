@@ -202,7 +202,28 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     partner = {s: statistics.fmean(c["precision_top_S_with_partner"][s] for c in cells) for s in signals}
     differential = _differential(cells, controls)
     return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner, "plants": plants,
-            "differential_control": differential, "verdicts": verdicts}
+            "differential_control": differential, "map_agreement": map_agreement(cells), "verdicts": verdicts}
+
+
+def map_agreement(cells: list[dict]) -> dict[str, list[float]]:
+    """How alike the default maps themselves are (what the user trains), for two seeds of the same data and for
+    two plants: the share of the parameter budget they put on the same modules, Σ min(p, q) / Σ p over each
+    module's parameters, and the Spearman of those parameters over every target (0 where not adapted)."""
+    def overlap(a: dict, b: dict) -> float:
+        return sum(min(a[n], b[n]) for n in a) / sum(a.values())
+
+    def rho(a: dict, b: dict) -> float:
+        names = sorted(a)
+        return float(spearmanr([a[n] for n in names], [b[n] for n in names])[0])
+    by_plant: dict[int, list[dict]] = {}
+    for c in cells:
+        if "map_params" in c:  # runs recorded before the field was added have none
+            by_plant.setdefault(c["plant"], []).append(c["map_params"])
+    pairs = {"two_seeds": [(v[0], v[1]) for v in by_plant.values() if len(v) > 1],
+             "two_plants": [(a[0], b[0]) for i, a in enumerate(by_plant.values())
+                            for b in list(by_plant.values())[i + 1:]]}
+    return {f"{what}_{kind}": [f(a, b) for a, b in found] for kind, found in pairs.items()
+            for what, f in (("budget_shared", overlap), ("spearman", rho))}
 
 
 def _controls_of(arm: str, runs: dict[str, dict]) -> dict[str, dict]:
@@ -293,6 +314,13 @@ def markdown(summary: dict, command: str) -> str:
                      f"{'yes' if d['own_below_every_planted'] else 'no'} | {span(d['teacher_top10_share'])} | "
                      f"{'yes' if d['teacher_below_every_planted'] else 'no'} | "
                      f"{span(d['spearman_same_data_two_seeds'])} | {span(d['spearman_two_plants'])} |")
+    agree = summary.get("map_agreement")
+    if agree:
+        pct = lambda v: f"{min(v):.0%}–{max(v):.0%}" if v else "—"  # noqa: E731
+        lines += ["", f"The default maps themselves: two seeds of the same data put {pct(agree['budget_shared_two_seeds'])} "
+                      f"of the budget on the same modules (Spearman of module parameters {span(agree['spearman_two_seeds'])}); "
+                      f"two plants {pct(agree['budget_shared_two_plants'])} "
+                      f"({span(agree['spearman_two_plants'])})."]
     for field, d in summary["differential_control"].items():
         if "relative_fall" in d:
             f = d["relative_fall"]

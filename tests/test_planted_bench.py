@@ -79,6 +79,19 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
     assert [len(falls[k]) for k in ("planted", "own_samples", "teacher")] == [4, 2, 2]
     assert all(-1 < v < 1 for values in falls.values() for v in values)
     assert "| arm |" in (tmp / "table.md").read_text()
+    agree = summary["map_agreement"]  # the default maps themselves: 2 plants × 2 seeds
+    assert len(agree["budget_shared_two_seeds"]) == 2 and len(agree["budget_shared_two_plants"]) == 1
+    assert all(0 <= v <= 1 for v in agree["budget_shared_two_seeds"] + agree["budget_shared_two_plants"])
+
+
+def test_map_agreement_is_the_budget_two_maps_share():
+    same = {"a": 100, "b": 50, "c": 0}
+    cells = [{"plant": 0, "map_params": same}, {"plant": 0, "map_params": dict(same)},
+             {"plant": 1, "map_params": {"a": 0, "b": 30, "c": 120}}, {"plant": 1, "map_params": same}]
+    agree = load_bench("planted").map_agreement(cells)
+    assert agree["budget_shared_two_seeds"] == [1.0, 30 / 150]
+    assert agree["spearman_two_seeds"][0] == pytest.approx(1.0)
+    assert agree["budget_shared_two_plants"] == [30 / 150]
 
 
 @pytest.mark.xfail(strict=False, reason="open (issue 18): the contrast is within noise (fails at 24 samples)")

@@ -140,6 +140,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
             "precision_top_S": precision, "precision_top_S_with_partner": partner_precision,
             "concentration": concentration_record(outcome.map),
+            "map_params": {n: default.ranks.get(n, 0) * (shapes[n].in_features + shapes[n].out_features) for n in shapes},
             "arms": {k: {"params": a.params, "modules": len(a.ranks),
                          "planted_param_share": _planted_share(a, planted, shapes),
                          "planted_or_partner_param_share": _planted_share(a, with_partners, shapes),
