@@ -183,7 +183,7 @@ def recorded_runs(monkeypatch):
     return runs
 
 
-ANALYSIS_ANSWERS = ["", "acestep-v15-base", None, "texture", "16", "8", "32", "y", "n"]  # None: the dataset
+ANALYSIS_ANSWERS = ["", "acestep-v15-base", None, "texture", "16", "8", "32", "", "y", "n"]  # None: the dataset
 
 
 def _analysis_script(dataset_dir):
@@ -199,16 +199,27 @@ def test_analysis_flow_builds_the_cli_config(configured, dataset_dir, recorded_r
     assert "Estimated time" in asker.said_text() and "6 samples" in asker.said_text()
 
 
-@pytest.mark.parametrize("step", range(1, 8))
+@pytest.mark.parametrize("step", range(1, 9))
 def test_analysis_go_back_at_each_step(configured, dataset_dir, recorded_runs, step):
     script = _analysis_script(dataset_dir)
     asker = ScriptedAsker(script[:step] + ["b"] + script[step - 1:])
     af.analysis_flow(asker, Session())
     previous, again = asker.asked[step - 1], asker.asked[step + 1]
     assert again.message == previous.message
-    expected = {1: "", 2: "acestep-v15-base", 3: dataset_dir.resolve(), 4: "texture", 5: 16, 6: 8, 7: 32}[step]
+    expected = {1: "", 2: "acestep-v15-base", 3: dataset_dir.resolve(), 4: "texture", 5: 16, 6: 8, 7: 32,
+                8: "median"}[step]
     assert again.default == expected
     assert len(recorded_runs) == 1
+
+
+def test_analysis_flat_budget_is_asked_and_shown(configured, dataset_dir, recorded_runs):
+    script = _analysis_script(dataset_dir)
+    script[7] = "flat"
+    asker = ScriptedAsker(script)
+    af.analysis_flow(asker, Session())
+    assert recorded_runs[0].budget is af.BudgetMode.FLAT
+    assert "flat: the parameters of a rank-16 LoRA on every target" in asker.said_text()
+    assert af.build_config(dict(dataset_dir=dataset_dir)).budget is af.BudgetMode.MEDIAN  # the CLI's default
 
 
 def test_analysis_bad_rank_budget_is_rejected_by_the_config(configured, dataset_dir, recorded_runs):
@@ -250,7 +261,7 @@ def test_turbo_opt_in_refused_writes_nothing(tmp_path, tiny_cfg, dataset_dir, re
     settings.save_settings(settings.Settings(checkpoint_dir=root, model="turbo", first_run_done=True))
     script = _analysis_script(dataset_dir)
     script[1] = "acestep-v15-turbo"
-    script[7:] = ["n"]  # refuse the turbo opt-in
+    script[8:] = ["n"]  # refuse the turbo opt-in
     asker = ScriptedAsker(script)
     af.analysis_flow(asker, Session())
     assert recorded_runs == [] and not (dataset_dir / "fisher_map.json").exists()
@@ -264,7 +275,7 @@ def test_analysis_flow_really_writes_a_map(configured, dataset_dir, monkeypatch,
     monkeypatch.setenv("SIDESTEP_DEVICE", "cpu")
     script = _analysis_script(dataset_dir)
     script[4:7] = ["8", "4", "16"]
-    script[8:] = ["y", "n"]  # run, save, do not train now
+    script[9:] = ["y", "n"]  # run, save, do not train now
     for extra in sorted(dataset_dir.glob("*.pt"))[2:]:  # 2 samples: 2 runs x 2 batches keeps it quick
         extra.unlink()
     asker = ScriptedAsker(script)
@@ -454,7 +465,7 @@ def test_presets_menu_saves_last_choices_shows_and_deletes(configured):
 def test_choosing_a_preset_after_going_back_replaces_earlier_rank_answers(configured, dataset_dir, recorded_runs):
     script = _analysis_script(dataset_dir)
     # Answer up to the base rank (16), go back to the very first question, pick a preset, take every default.
-    script = script[:5] + ["b", "b", "b", "b", "b", "recommended", "", "", "", "", "", "", "y", "n"]
+    script = script[:5] + ["b", "b", "b", "b", "b", "recommended", "", "", "", "", "", "", "", "y", "n"]
     af.analysis_flow(ScriptedAsker(script), Session())
     config = recorded_runs[0]
     assert (config.base_rank, config.rank_min, config.rank_max, config.focus_label) == (64, 16, 128, "texture")
@@ -475,7 +486,7 @@ def test_preprocessing_plus_plus_hands_its_preset_and_model_to_train(configured,
     script = _analysis_script(dataset_dir)
     script[0] = "mine"
     script[4:7] = ["", "", ""]
-    script[8:] = ["y",  # Train now with this map?
+    script[9:] = ["y",  # Train now with this map?
                   "basic", "", str(tmp_path / "out"), "", "", "", "", "y", "n", "n"]
     asker = ScriptedAsker(script)
     af.analysis_flow(asker, Session())

@@ -77,6 +77,7 @@ def _start_preprocessing_plus_plus(s: "Screen", dataset_dir) -> None:
     s.answer("Base rank", "8" + ENTER)
     s.answer("Smallest rank", "4" + ENTER)
     s.answer("Largest rank", "16" + ENTER)
+    s.answer("Rank budget", ENTER)
 
 def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
     config_dir, dataset = tmp_path / "config", tmp_path / "tensors"
@@ -107,9 +108,10 @@ def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
         s.answer(r"b = back\)" + _CODES + "8", ENTER)
         s.answer("Smallest rank", "4" + ENTER)
         s.answer("Largest rank", "16" + ENTER)
+        s.answer("Rank budget", DOWN + ENTER)  # flat: the size of a rank-8 LoRA on every target
         summary = s.answer(r"Run Preprocessing\+\+ now\?", "y")
         assert "Preprocessing++ — about to run" in summary and "Estimated time" in summary
-        assert "median 8, range 4–16" in summary and "texture" in summary
+        assert "flat: the parameters of a rank-8 LoRA" in " ".join(summary.split()) and "texture" in summary
         s.answer(r"Save fisher_map\.json\?", "y")
         s.answer(r"Train now with this map\?", "n")
         # Ctrl-C at a prompt goes back to the menu; Ctrl-C at the menu quits.
@@ -127,7 +129,7 @@ def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
     assert stored["model"] == DEMO_MODEL
     assert len(list(dataset.glob("*.pt"))) == 3
     fmap = json.loads((dataset / "fisher_map.json").read_text())
-    assert fmap["timestep_focus"] == "texture"
+    assert fmap["timestep_focus"] == "texture" and fmap["budget_mode"] == "flat"
     assert all(4 <= r <= 16 for r in fmap["rank_pattern"].values())
 
 

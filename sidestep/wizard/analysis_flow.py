@@ -1,4 +1,4 @@
-"""Preprocessing++ in the wizard: preset → model → dataset → focus → rank budget → confirm → run → result.
+"""Preprocessing++ in the wizard: preset → model → dataset → focus → ranks → budget → confirm → run → result.
 
 The answers build the same `AnalysisConfig` as `sidestep analyze`, validated by the same code, and the run
 is the same library call; nothing here has its own defaults.
@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
+from sidestep.analysis.allocate import BudgetMode
 from sidestep.analysis.config import AnalysisConfig
 from sidestep.errors import SidestepError
 from sidestep.objective import Focus, parse_focus
@@ -27,6 +28,12 @@ FOCUS_OPTIONS = [
     Option("texture", Focus.TEXTURE.value, "little noise (t 0–0.4): timbre and sound design, style transfer"),
     Option("structure", Focus.STRUCTURE.value, "much noise (t 0.6–1): rhythm, beat grid, composition"),
     Option("custom", CUSTOM, "your own LOW,HIGH range of t inside [0, 1]"),
+]
+BUDGET_OPTIONS = [
+    Option("median", BudgetMode.MEDIAN.value, "Side-Step's rule: the median adapted module gets the base rank, "
+                                              "about half the modules are adapted"),
+    Option("flat", BudgetMode.FLAT.value, "the parameters of a flat LoRA at the base rank, spent where the probe "
+                                          "finds need; the best map on our planted benchmark"),
 ]
 # Preset field -> AnalysisConfig field (a preset's `rank` is the analysis' median rank).
 PRESET_FIELDS_USED = {"rank": "base_rank", "rank_min": "rank_min", "rank_max": "rank_max"}
@@ -59,9 +66,10 @@ def _steps() -> list[Step]:
         Step("dataset_dir", ask_dataset),
         Step("focus", _ask_focus),
         Step("custom_focus", _ask_custom_focus, when=lambda ans: ans.get("focus") == CUSTOM),
-        Step("base_rank", _rank_question("base_rank", "Base rank (the median rank of the adapted modules)")),
+        Step("base_rank", _rank_question("base_rank", "Base rank (the median rank, or the flat LoRA's rank)")),
         Step("rank_min", _rank_question("rank_min", "Smallest rank any module may get")),
         Step("rank_max", _rank_question("rank_max", "Largest rank any module may get")),
+        Step("budget", _ask_budget),
         Step("go", _confirm),
     ]
 
@@ -69,10 +77,10 @@ def _steps() -> list[Step]:
 def build_config(answers: Answers) -> AnalysisConfig:
     """The answers as an `AnalysisConfig` (raises ConfigError exactly like the CLI does)."""
     focus = answers.get("custom_focus") if answers.get("focus") == CUSTOM else answers.get("focus")
-    ranks = {key: answers[key] for key in ("base_rank", "rank_min", "rank_max") if key in answers}
+    chosen = {key: answers[key] for key in ("base_rank", "rank_min", "rank_max", "budget") if key in answers}
     allow_turbo = bool(answers.get("allow_turbo"))
     return AnalysisConfig(dataset_dir=answers["dataset_dir"], timestep_focus=focus or "balanced",
-                          allow_turbo=allow_turbo, **ranks)
+                          allow_turbo=allow_turbo, **chosen)
 
 
 # ---- questions -------------------------------------------------------------------------------------------------
@@ -81,6 +89,11 @@ def build_config(answers: Answers) -> AnalysisConfig:
 def _ask_focus(asker: Asker, answers: Answers) -> str:
     default = answers.get("focus", default_of(AnalysisConfig, "timestep_focus"))
     return asker.choice("Timestep focus (how the analysis listens)", FOCUS_OPTIONS, default=default)
+
+
+def _ask_budget(asker: Asker, answers: Answers) -> str:
+    default = answers.get("budget", BudgetMode(default_of(AnalysisConfig, "budget")).value)
+    return asker.choice("Rank budget (how the map spends its ranks)", BUDGET_OPTIONS, default=default)
 
 
 def _ask_custom_focus(asker: Asker, answers: Answers) -> str:
@@ -157,7 +170,11 @@ def summary_table(config: AnalysisConfig, choice: Any, scan: Any) -> Table:
     table.add_row("Dataset", f"{config.dataset_dir} — {samples} samples, {minutes:.1f} min of audio")
     low, high = config.focus_range
     table.add_row("Timestep focus", f"{config.focus_label} (t in {low:g}–{high:g})")
-    table.add_row("Rank budget", f"median {config.base_rank}, range {config.rank_min}–{config.rank_max}, "
+    if config.budget is BudgetMode.FLAT:
+        budget = f"flat: the parameters of a rank-{config.base_rank} LoRA on every target"
+    else:
+        budget = f"median {config.base_rank}"
+    table.add_row("Rank budget", f"{budget}, range {config.rank_min}–{config.rank_max}, "
                                  f"alpha = {config.alpha_ratio:g} × rank")
     table.add_row("Work", f"{runs} runs × up to {batches} batches (one forward+backward each)")
     table.add_row("Estimated time", _estimate(config, choice, scan, runs * batches))
