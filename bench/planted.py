@@ -202,7 +202,38 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     partner = {s: statistics.fmean(c["precision_top_S_with_partner"][s] for c in cells) for s in signals}
     differential = _differential(cells, controls)
     return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner, "plants": plants,
-            "differential_control": differential, "map_agreement": map_agreement(cells), "verdicts": verdicts}
+            "differential_control": differential, "map_agreement": map_agreement(cells),
+            "acceptance": acceptance(arms, precision, partner), "verdicts": verdicts}
+
+
+def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict[str, float]) -> dict[str, bool | None]:
+    """Issue 18's criteria for the default map, each True/False, or None when this run lacks the arms to say.
+
+    "Outside the CI" means the paired 95% t interval excludes 0. Two readings of the permutation control are
+    reported: over the map's own modules (`control`) and over every target (`control_anywhere`); the oracle
+    against its own permutation says whether the first can tell good allocation from bad on this task.
+    """
+    def below_zero(arm: str, field: str) -> bool | None:
+        ci = (arms.get(arm, {}).get(field) or {}).get("ci95_t")
+        return None if not ci else ci[1] < 0
+
+    def not_above_zero(arm: str, field: str) -> bool | None:
+        ci = (arms.get(arm, {}).get(field) or {}).get("ci95_t")
+        return None if not ci else ci[0] <= 0
+
+    default = f"map_{DEFAULT_SIGNAL}"
+    share = arms.get(default, {}).get("oracle_gain_share")
+    return {
+        "oracle_beats_flat": below_zero("oracle", "distill_vs_flat"),
+        "map_recovers_70pct_of_the_oracle_gain": None if share is None else share >= 0.70,
+        "map_beats_flat": below_zero(default, "distill_vs_flat"),
+        "map_beats_its_permutation_over_its_modules": below_zero(default, "distill_vs_control"),
+        "map_beats_its_permutation_over_every_target": below_zero(default, "distill_vs_control_anywhere"),
+        "oracle_beats_its_own_permutation": below_zero("oracle", "distill_vs_control"),
+        "precision_at_least_0.8": None if DEFAULT_SIGNAL not in precision else precision[DEFAULT_SIGNAL] >= 0.8,
+        "precision_with_partners_at_least_0.8": None if DEFAULT_SIGNAL not in partner else partner[DEFAULT_SIGNAL] >= 0.8,
+        "map_forgets_no_more_than_flat": not_above_zero(default, "forgetting_vs_flat"),
+    }
 
 
 def map_agreement(cells: list[dict]) -> dict[str, list[float]]:
@@ -314,8 +345,13 @@ def markdown(summary: dict, command: str) -> str:
                      f"{'yes' if d['own_below_every_planted'] else 'no'} | {span(d['teacher_top10_share'])} | "
                      f"{'yes' if d['teacher_below_every_planted'] else 'no'} | "
                      f"{span(d['spearman_same_data_two_seeds'])} | {span(d['spearman_two_plants'])} |")
+    checks = summary.get("acceptance", {})
+    if checks:
+        word = {True: "yes", False: "**no**", None: "not measured in this run"}
+        lines += ["", "Issue 18's criteria for the default map (paired 95% t intervals): " +
+                  "; ".join(f"{name.replace('_', ' ')}: {word[value]}" for name, value in checks.items()) + "."]
     agree = summary.get("map_agreement")
-    if agree:
+    if agree and all(agree.values()):
         pct = lambda v: f"{min(v):.0%}–{max(v):.0%}" if v else "—"  # noqa: E731
         lines += ["", f"The default maps themselves: two seeds of the same data put {pct(agree['budget_shared_two_seeds'])} "
                       f"of the budget on the same modules (Spearman of module parameters {span(agree['spearman_two_seeds'])}); "

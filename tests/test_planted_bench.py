@@ -67,6 +67,8 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
     assert {"distill_vs_control", "distill_vs_control_anywhere"} <= set(summary["arms"]["map_data"])
     assert "distill_vs_control" in summary["arms"]["oracle"]  # the oracle against its own permutation
     assert "distill_vs_control" not in summary["arms"]["oracle_control"]
+    assert isinstance(summary["acceptance"]["oracle_beats_its_own_permutation"], bool)
+    assert "Issue 18's criteria" in (tmp / "table.md").read_text()
     for arm in ("map_data", "control"):  # the share of the oracle's gain comes with its interval
         row = summary["arms"][arm]
         lo, hi = row["oracle_gain_share_ci95"]
@@ -82,6 +84,23 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
     agree = summary["map_agreement"]  # the default maps themselves: 2 plants × 2 seeds
     assert len(agree["budget_shared_two_seeds"]) == 2 and len(agree["budget_shared_two_plants"]) == 1
     assert all(0 <= v <= 1 for v in agree["budget_shared_two_seeds"] + agree["budget_shared_two_plants"])
+
+
+def test_acceptance_reads_each_criterion_from_its_interval():
+    bench = load_bench("planted")
+    stat = lambda lo, hi: {"mean": (lo + hi) / 2, "ci95_t": [lo, hi]}  # noqa: E731
+    arms = {"oracle": {"distill_vs_flat": stat(-0.08, -0.05), "distill_vs_control": stat(-0.01, 0.001)},
+            f"map_{bench.DEFAULT_SIGNAL}": {"distill_vs_flat": stat(-0.07, -0.04), "oracle_gain_share": 0.69,
+                                            "distill_vs_control": stat(-0.02, -0.001),
+                                            "forgetting_vs_flat": stat(0.0001, 0.002)}}
+    checks = bench.acceptance(arms, {bench.DEFAULT_SIGNAL: 0.8}, {})
+    assert checks["oracle_beats_flat"] and checks["map_beats_flat"]
+    assert checks["oracle_beats_its_own_permutation"] is False  # its interval reaches past 0
+    assert checks["map_recovers_70pct_of_the_oracle_gain"] is False
+    assert checks["map_beats_its_permutation_over_its_modules"] is True
+    assert checks["map_beats_its_permutation_over_every_target"] is None  # not in this run
+    assert checks["precision_at_least_0.8"] is True and checks["precision_with_partners_at_least_0.8"] is None
+    assert checks["map_forgets_no_more_than_flat"] is False  # significantly more forgetting
 
 
 def test_map_agreement_is_the_budget_two_maps_share():
