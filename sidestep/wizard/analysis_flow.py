@@ -35,7 +35,7 @@ BUDGET_OPTIONS = [
     Option("flat", BudgetMode.FLAT.value, "the parameters of a flat LoRA at the base rank, spent where the probe "
                                           "finds need; the best map on our planted benchmark"),
 ]
-# Preset field -> AnalysisConfig field (a preset's `rank` is the analysis' median rank).
+# Preset field -> AnalysisConfig field (a preset's `rank` is the analysis' base rank).
 PRESET_FIELDS_USED = {"rank": "base_rank", "rank_min": "rank_min", "rank_max": "rank_max"}
 
 
