@@ -362,6 +362,16 @@ def test_saturating_ranks_spend_the_flat_budget_on_ace_step_2b_shapes():
         assert ranks == sorted(ranks, reverse=True)  # more share per parameter, never less rank
 
 
+def test_saturating_ranks_fill_a_budget_too_big_for_the_useful_modules_by_share_not_by_name():
+    # the one positive share is capped at --rank-max, and the flat budget must still land somewhere:
+    # the least harmful share goes first (−0.2 before −1, NaN last), whatever the names' order
+    shares = {"a": 1.0, "m": -0.2, "z": -1.0, "n": float("nan")}
+    budget = RankBudget(base=8, lo=1, hi=16, step=1, mode="flat")
+    alloc = saturating_ranks(shares, square(shares, 32), budget, scale=16.0)
+    assert alloc.ranks == {"a": 16, "m": 16}
+    assert alloc.trainable_params == alloc.flat_equivalent_params
+
+
 def test_saturating_ranks_reject_a_bad_scale():
     with pytest.raises(ValueError, match="scale"):
         saturating_ranks({"a": 1.0}, square(["a"]), RankBudget(mode="flat"), scale=0.0)

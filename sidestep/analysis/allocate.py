@@ -219,7 +219,9 @@ def water_fill_ranks(
     move each time is the greedy solution of this concave budget problem. Modules whose need is all noise
     never enter while another move still gains. When every gain is spent before the budget is (a need that
     lives in fewer directions than the budget buys), the rest goes to the modules with the most need per
-    parameter, so the total always lands within one step of the largest module of the flat budget.
+    parameter, so the total always lands within one step of the largest module of the flat budget; among
+    modules with no positive gain left, a larger raw signal (Σ λ per parameter, a negative or non-finite one
+    lowest) goes first, so a signal of 0 is preferred to a negative one and the module's name never decides.
     """
     missing = sorted(name for name in spectra if name not in shapes)
     if missing:
@@ -229,6 +231,7 @@ def water_fill_ranks(
     gains = {name: [max(float(v), 0.0) if math.isfinite(v) else 0.0 for v in values] for name, values in spectra.items()}
     target = budget.base * sum(size.values())
     need = {name: sum(values) / size[name] for name, values in gains.items()}
+    raw = {name: _finite_or_lowest(math.fsum(values)) / size[name] for name, values in spectra.items()}
     ranks = dict.fromkeys(spectra, 0)
     spent = 0
 
@@ -241,10 +244,10 @@ def water_fill_ranks(
         return sum(gains[name][start:end]) / cost, cost
 
     while spent < target:
-        options = [(m[0], need[name], name, m[1]) for name in sorted(spectra) if (m := move(name)) is not None]
+        options = [(m[0], need[name], raw[name], name, m[1]) for name in sorted(spectra) if (m := move(name)) is not None]
         if not options:
             break
-        gain, _, name, cost = max(options, key=lambda o: (o[0] > 0, o[0], o[1], o[2]))
+        gain, _, _, name, cost = max(options, key=lambda o: (o[0] > 0, o[0], o[1], o[2], o[3]))
         if spent + cost - target > target - spent:  # overshooting more than stopping short: stop here
             break
         ranks[name] = lo if ranks[name] == 0 else ranks[name] + step
@@ -279,7 +282,8 @@ def saturating_ranks(shares: Mapping[str, float], shapes: Mapping[str, ModuleSha
         raise ValueError(f"scale must be a positive number of ranks, got {scale!r}.")
     decay = math.exp(-1.0 / scale)
     length = budget.rank_range[1]
-    # water_fill_ranks counts a gain <= 0 or not finite as nothing, so such a share never enters
+    # water_fill_ranks counts a gain <= 0 or not finite as nothing, so such a share enters only when every
+    # positive one is at rank_max and the budget is not yet spent
     spectra = {name: [share * (1 - decay) * decay ** j for j in range(length)] for name, share in shares.items()}
     return water_fill_ranks(spectra, shapes, budget)
 
@@ -309,6 +313,10 @@ def random_permutation_control(allocation: Allocation, seed: int) -> dict[str, i
 
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _finite_or_lowest(x: float) -> float:
+    return x if math.isfinite(x) else -math.inf
 
 
 def _round_half_up(x: float) -> int:
