@@ -58,6 +58,8 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     # how much the data asks at all: the share of the loss the probe removed, from the losses the map records
     fall = (probe["loss_before"] - probe["loss_probed"]) / probe["loss_before"]
     assert 0 < fall < 1 and summary["probe_loss_fall"] == pytest.approx(fall)
+    at_cap = sum(r == data["rank_budget"]["max"] for r in data["rank_pattern"].values())
+    assert summary["modules_at_rank_max"] == at_cap
     assert f"The probe lowered the model's loss on this data by {fall:.1%}." in err
 
 
@@ -245,3 +247,22 @@ def test_preview_warns_only_about_runs_that_did_not_converge(capsys):
     print_preview(preview(((1, 12, 0.99, True), (2, 50, 0.61, False))))
     err = capsys.readouterr().err
     assert "Run 2 of 2 did not converge" in err and "less certain" in err
+
+
+def test_preview_warns_when_rank_max_shaped_a_flat_budget_map(capsys):
+    from sidestep.analysis.report import Preview
+    from sidestep.display.analysis import print_preview
+
+    def preview(at_cap, flat=True):
+        return Preview(categories=(), rank_histogram=((8, 4 - at_cap), (16, at_cap)), top=(), low_confidence=(),
+                       adapted=4, targetable=8, median_rank=8.0, trainable_params=10, flat_equivalent_params=10,
+                       cross_run_spearman=None, runs=(), at_rank_max=at_cap, rank_max=16, base_rank=8,
+                       flat_budget=flat)
+
+    print_preview(preview(0))
+    assert "--rank-max" not in capsys.readouterr().err
+    print_preview(preview(3, flat=False))  # under the median budget the cap is the reference's rule, not a loss
+    assert "--rank-max" not in capsys.readouterr().err
+    print_preview(preview(3))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "3 of the 4 adapted modules are at --rank-max 16" in err and "--rank-max 32 or more lets it" in err

@@ -14,9 +14,11 @@ from sidestep.analysis.engine import AnalysisResult
 from sidestep.analysis.fisher_map import Concentration, FisherMap, concentration_summary
 from sidestep.analysis.modules import PROJECTIONS, Category, category_of, layer_of, suffix_of
 
-__all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "render_png"]
+__all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "rank_max_sentence", "render_png"]
 
 TOP_N = 5
+# Under --budget flat, this share of the adapted modules at --rank-max means the cap, not the signal, shaped the map.
+CAPPED_SHARE = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,10 @@ class Preview:
     cross_run_spearman: float | None
     runs: tuple[tuple[int, int, float | None, bool], ...]  # (run, batches, final spearman, converged)
     concentration: Concentration | None = None  # how concentrated the demand is; None for maps without it
+    at_rank_max: int = 0  # adapted modules at --rank-max
+    rank_max: int | None = None
+    base_rank: int | None = None
+    flat_budget: bool = False
 
 
 def concentration_sentence(c: Concentration) -> str:
@@ -64,6 +70,22 @@ def concentration_sentence(c: Concentration) -> str:
     if c.loss_fall is None:
         return where
     return f"The probe lowered the model's loss on this data by {c.loss_fall:.1%}. {where}"
+
+
+def rank_max_sentence(preview: Preview) -> str | None:
+    """A warning when --rank-max, not the signal, shaped a flat-budget map; None otherwise.
+
+    Under --budget flat the budget has to go somewhere: when the modules that ask for most are all at the cap,
+    it spreads over modules that ask for less. On the planted benchmark a cap of twice --rank lost about half of
+    the map's gain, and four times --rank none (docs/data-awareness.md).
+    """
+    if not preview.flat_budget or not preview.rank_max or preview.at_rank_max < max(1, CAPPED_SHARE * preview.adapted):
+        return None
+    wider = 4 * (preview.base_rank or 0)
+    hint = f"; --rank-max {wider} or more lets it" if wider > preview.rank_max else ""
+    return (f"{preview.at_rank_max} of the {preview.adapted} adapted modules are at --rank-max {preview.rank_max}: "
+            f"the flat budget would go further to the modules that ask for most, so it spreads over more modules "
+            f"instead{hint}.")
 
 
 def build_preview(fmap: FisherMap) -> Preview:
@@ -94,6 +116,10 @@ def build_preview(fmap: FisherMap) -> Preview:
         cross_run_spearman=convergence.cross_run_spearman if convergence else None,
         runs=tuple((r.run, r.batches, r.final_spearman, r.converged) for r in convergence.runs) if convergence else (),
         concentration=concentration_summary(fmap),
+        at_rank_max=sum(r == fmap.rank_max for r in ranks) if fmap.rank_max else 0,
+        rank_max=fmap.rank_max,
+        base_rank=fmap.base_rank,
+        flat_budget=fmap.budget_mode == "flat",
     )
 
 

@@ -193,6 +193,7 @@ def summary_json(outcome) -> dict[str, Any]:
         "adapted_modules": len(fmap.rank_pattern),
         "excluded_modules": len(fmap.excluded_modules),
         "ranks": {"min": ranks[0] if ranks else None, "max": ranks[-1] if ranks else None, "base": fmap.base_rank},
+        "modules_at_rank_max": sum(r == fmap.rank_max for r in ranks) if fmap.rank_max else 0,
         "trainable_params": fmap.trainable_params,
         "flat_equivalent_params": fmap.flat_equivalent_params,
         "num_runs": fmap.num_runs,

@@ -98,7 +98,8 @@ MapOutputOpt = Annotated[
 BudgetOpt = Annotated[
     str, typer.Option("--budget", help="median (the reference's rule): the median rank is --rank; flat: total "
                                        "adapter parameters equal a flat LoRA at --rank on every module (the map the "
-                                       "planted benchmark measures best).", rich_help_panel=ADVANCED)
+                                       "planted benchmark measures best; give it --rank-max >= 4 x --rank).",
+                      rich_help_panel=ADVANCED)
 ]
 AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.",
                                               rich_help_panel=ADVANCED)]

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from sidestep.analysis.report import concentration_sentence
+from sidestep.analysis.report import concentration_sentence, rank_max_sentence
 from sidestep.display import output
 
 __all__ = ["print_preview"]
@@ -48,6 +48,9 @@ def print_preview(preview) -> None:
                     "batches per run (--batches-per-run) or more songs steady it.")
     if preview.concentration is not None:
         console.print(concentration_sentence(preview.concentration))
+    capped = rank_max_sentence(preview)
+    if capped:
+        output.warn(capped)
     if preview.low_confidence:
         shown = ", ".join(preview.low_confidence[:8]) + (" …" if len(preview.low_confidence) > 8 else "")
         output.warn(f"{len(preview.low_confidence)} low-confidence module(s) (cross-run std > 50% of the score): {shown}")

@@ -33,7 +33,8 @@ BUDGET_OPTIONS = [
     Option("median", BudgetMode.MEDIAN.value, "Side-Step's rule: the median adapted module gets the base rank, "
                                               "about half the modules are adapted"),
     Option("flat", BudgetMode.FLAT.value, "the parameters of a flat LoRA at the base rank, spent where the probe "
-                                          "finds need; the best map on our planted benchmark"),
+                                          "finds need; the best map on our planted benchmark when the largest "
+                                          "rank is at least 4 × the base rank"),
 ]
 # Preset field -> AnalysisConfig field (a preset's `rank` is the analysis' base rank).
 PRESET_FIELDS_USED = {"rank": "base_rank", "rank_min": "rank_min", "rank_max": "rank_max"}
