@@ -266,3 +266,13 @@ def test_preview_warns_when_rank_max_shaped_a_flat_budget_map(capsys):
     print_preview(preview(3))
     err = " ".join(capsys.readouterr().err.split())
     assert "3 of the 4 adapted modules are at --rank-max 16" in err and "--rank-max 32 or more lets it" in err
+
+
+def test_rank_max_defaults_to_room_for_the_flat_budget(tmp_path):
+    from sidestep.analysis.config import AnalysisConfig
+
+    # the reference's 128 under the median budget; under the flat budget 4 × --rank when that is more
+    assert AnalysisConfig(dataset_dir=tmp_path).rank_max == 128
+    assert AnalysisConfig(dataset_dir=tmp_path, budget="flat").rank_max == 256
+    assert AnalysisConfig(dataset_dir=tmp_path, budget="flat", base_rank=16, rank_min=8).rank_max == 128
+    assert AnalysisConfig(dataset_dir=tmp_path, budget="flat", rank_max=128).rank_max == 128  # given: kept

@@ -183,7 +183,7 @@ def recorded_runs(monkeypatch):
     return runs
 
 
-ANALYSIS_ANSWERS = ["", "acestep-v15-base", None, "texture", "16", "8", "32", "", "y", "n"]  # None: the dataset
+ANALYSIS_ANSWERS = ["", "acestep-v15-base", None, "texture", "", "16", "8", "32", "y", "n"]  # None: the dataset
 
 
 def _analysis_script(dataset_dir):
@@ -206,25 +206,25 @@ def test_analysis_go_back_at_each_step(configured, dataset_dir, recorded_runs, s
     af.analysis_flow(asker, Session())
     previous, again = asker.asked[step - 1], asker.asked[step + 1]
     assert again.message == previous.message
-    expected = {1: "", 2: "acestep-v15-base", 3: dataset_dir.resolve(), 4: "texture", 5: 16, 6: 8, 7: 32,
-                8: "median"}[step]
+    expected = {1: "", 2: "acestep-v15-base", 3: dataset_dir.resolve(), 4: "texture", 5: "median", 6: 16, 7: 8,
+                8: 32}[step]
     assert again.default == expected
     assert len(recorded_runs) == 1
 
 
 def test_analysis_flat_budget_is_asked_and_shown(configured, dataset_dir, recorded_runs):
     script = _analysis_script(dataset_dir)
-    script[7] = "flat"
+    script[4:8] = ["flat", "64", "16", ""]  # the largest rank offered: 4 × the base rank under the flat budget
     asker = ScriptedAsker(script)
     af.analysis_flow(asker, Session())
-    assert recorded_runs[0].budget is af.BudgetMode.FLAT
-    assert "flat: the parameters of a rank-16 LoRA on every target" in asker.said_text()
+    assert recorded_runs[0].budget is af.BudgetMode.FLAT and recorded_runs[0].rank_max == 256
+    assert "flat: the parameters of a rank-64 LoRA on every target" in asker.said_text()
     assert af.build_config(dict(dataset_dir=dataset_dir)).budget is af.BudgetMode.MEDIAN  # the CLI's default
 
 
 def test_analysis_bad_rank_budget_is_rejected_by_the_config(configured, dataset_dir, recorded_runs):
     script = _analysis_script(dataset_dir)
-    script[5:7] = ["32", "8", "4", "24"]  # rank_min 32 > base 16, then 8; max 4 < base 16, then 24
+    script[6:8] = ["32", "8", "4", "24"]  # rank_min 32 > base 16, then 8; max 4 < base 16, then 24
     af.analysis_flow(asker := ScriptedAsker(script), Session())
     assert recorded_runs[0].rank_min == 8 and recorded_runs[0].rank_max == 24
     assert asker.errors == ["32 is outside 1..16.", "4 is outside 16..4096."]
@@ -243,7 +243,7 @@ def test_preset_defaults_apply_only_to_overlapping_fields(configured, dataset_di
     presets.save_preset("mine", {"rank": 24, "rank_min": 8, "rank_max": 48, "lr": 5e-5, "epochs": 3})
     script = _analysis_script(dataset_dir)
     script[0] = "mine"
-    script[4:7] = ["", "", ""]
+    script[5:8] = ["", "", ""]
     asker = ScriptedAsker(script)
     af.analysis_flow(asker, Session())
     config = recorded_runs[0]
@@ -274,7 +274,7 @@ def test_analysis_flow_really_writes_a_map(configured, dataset_dir, monkeypatch,
     """The real library call on the tiny model: preview, save, result summary; declining to train."""
     monkeypatch.setenv("SIDESTEP_DEVICE", "cpu")
     script = _analysis_script(dataset_dir)
-    script[4:7] = ["8", "4", "16"]
+    script[5:8] = ["8", "4", "16"]
     script[9:] = ["y", "n"]  # run, save, do not train now
     for extra in sorted(dataset_dir.glob("*.pt"))[2:]:  # 2 samples: 2 runs x 2 batches keeps it quick
         extra.unlink()
@@ -464,7 +464,7 @@ def test_presets_menu_saves_last_choices_shows_and_deletes(configured):
 
 def test_choosing_a_preset_after_going_back_replaces_earlier_rank_answers(configured, dataset_dir, recorded_runs):
     script = _analysis_script(dataset_dir)
-    # Answer up to the base rank (16), go back to the very first question, pick a preset, take every default.
+    # Answer up to the budget, go back to the very first question, pick a preset, take every default.
     script = script[:5] + ["b", "b", "b", "b", "b", "recommended", "", "", "", "", "", "", "", "y", "n"]
     af.analysis_flow(ScriptedAsker(script), Session())
     config = recorded_runs[0]
@@ -485,7 +485,7 @@ def test_preprocessing_plus_plus_hands_its_preset_and_model_to_train(configured,
     monkeypatch.setattr(af, "_run", lambda asker, config, answers: SimpleNamespace(map=None))
     script = _analysis_script(dataset_dir)
     script[0] = "mine"
-    script[4:7] = ["", "", ""]
+    script[5:8] = ["", "", ""]
     script[9:] = ["y",  # Train now with this map?
                   "basic", "", str(tmp_path / "out"), "", "", "", "", "y", "n", "n"]
     asker = ScriptedAsker(script)

@@ -74,10 +74,10 @@ def _start_preprocessing_plus_plus(s: "Screen", dataset_dir) -> None:
     s.answer("Which model", ENTER)
     s.answer("Dataset folder", str(dataset_dir) + ENTER)
     s.answer("Timestep focus", ENTER)
+    s.answer("Rank budget", ENTER)
     s.answer("Base rank", "8" + ENTER)
     s.answer("Smallest rank", "4" + ENTER)
     s.answer("Largest rank", "16" + ENTER)
-    s.answer("Rank budget", ENTER)
 
 def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
     config_dir, dataset = tmp_path / "config", tmp_path / "tensors"
@@ -99,16 +99,16 @@ def test_full_journey_preprocess_then_preprocessing_plus_plus(demo, tmp_path):
         s.answer("Which model", ENTER)
         s.answer("Dataset folder", ENTER)
         s.answer("Timestep focus", DOWN + ENTER)  # texture
+        s.answer("Rank budget", DOWN + ENTER)  # flat: the size of a rank-8 LoRA on every target
         s.answer("Base rank", "b" + ENTER)
-        s.wait("Timestep focus")  # back here: the pointer is on the previous answer
-        assert "» texture" in s.answer("← Back", ENTER)
+        s.wait("Rank budget")  # back here: the pointer is on the previous answer
+        assert "» flat" in s.answer("← Back", ENTER)
         s.answer("Base rank", "8" + ENTER)
         s.answer("Smallest rank", "b" + ENTER)
         s.wait("Base rank")  # back again: the previous 8 is the default, shown in grey; Enter keeps it
         s.answer(r"b = back\)" + _CODES + "8", ENTER)
         s.answer("Smallest rank", "4" + ENTER)
         s.answer("Largest rank", "16" + ENTER)
-        s.answer("Rank budget", DOWN + ENTER)  # flat: the size of a rank-8 LoRA on every target
         summary = s.answer(r"Run Preprocessing\+\+ now\?", "y")
         assert "Preprocessing++ — about to run" in summary and "Estimated time" in summary
         assert "flat: the parameters of a rank-8 LoRA" in " ".join(summary.split()) and "texture" in summary

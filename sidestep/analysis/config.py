@@ -32,6 +32,19 @@ class RankSignal(str, Enum):
     PROBE = "probe"  # share of a short flat LoRA probe's loss fall per module; selects and sizes on its own
 
 
+REFERENCE_RANK_MAX = 128  # the reference's --rank-max, which its median budget is built around
+FLAT_HEADROOM = 4  # under --budget flat: a cap of 2 × --rank halved the planted benchmark's gain, 4 × lost none
+
+
+def default_rank_max(budget: object, base_rank: object) -> int:
+    """--rank-max when none is given: the reference's 128, or under --budget flat 4 × --rank when that is more,
+    so the flat budget can reach the modules that ask for most (docs/data-awareness.md, "--rank-max")."""
+    flat = str(getattr(budget, "value", budget)) == BudgetMode.FLAT.value
+    if flat and isinstance(base_rank, int) and not isinstance(base_rank, bool):
+        return max(REFERENCE_RANK_MAX, FLAT_HEADROOM * base_rank)
+    return REFERENCE_RANK_MAX
+
+
 @dataclass(frozen=True)
 class AnalysisConfig:
     """One analysis run. `None` for runs / batches_per_run means the reference rule (see `runs_for`)."""
@@ -41,7 +54,8 @@ class AnalysisConfig:
     timestep_focus: str = field(default="balanced", metadata={"help": "balanced, texture, structure or LOW,HIGH."})
     base_rank: int = field(default=64, metadata={"help": "Median rank of the adapted modules."})
     rank_min: int = field(default=16, metadata={"help": "Smallest rank of any adapted module."})
-    rank_max: int = field(default=128, metadata={"help": "Largest rank of any adapted module."})
+    rank_max: int | None = field(default=None, metadata={"help": "Largest rank of any adapted module (default 128; "
+                                                         "under --budget flat 4 × --rank when that is more)."})
     rank_step: int | None = field(default=None, metadata={"help": "Rank grid (default 8, smaller when rank-min < 8)."})
     budget: BudgetMode = field(default=BudgetMode.MEDIAN, metadata={"help": "median: median rank = --rank; flat: "
                                                                     "total parameters = flat LoRA at --rank."})
@@ -79,6 +93,8 @@ class AnalysisConfig:
         except ValueError:
             choices = ", ".join(s.value for s in RankSignal)
             raise ConfigError(f"--rank-signal {self.rank_signal!r} is not one of: {choices}.") from None
+        if self.rank_max is None:
+            object.__setattr__(self, "rank_max", default_rank_max(self.budget, self.base_rank))
         self.rank_budget  # validates ranks, step, budget mode, alpha ratio, inclusion and floor
         object.__setattr__(self, "budget", self.rank_budget.mode)
         for flag, value in (("--runs", self.runs), ("--batches-per-run", self.batches_per_run)):

@@ -57,7 +57,7 @@ def analyze(
     timestep_focus: TimestepFocusOpt = "balanced",
     rank: RankOpt = 64,
     rank_min: RankMinOpt = 16,
-    rank_max: RankMaxOpt = 128,
+    rank_max: RankMaxOpt = None,
     convergence_patience: ConvergencePatienceOpt = 5,
     checkpoint_dir: CheckpointDirOpt = None,
     model: ModelOpt = None,

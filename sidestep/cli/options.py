@@ -7,7 +7,7 @@ Keep this a flat list. Defaults that come from settings are `None` here and reso
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -74,8 +74,9 @@ RankOpt = Annotated[int, typer.Option("--rank", help="Target median LoRA rank (w
                                                      "parameter count is spent).", rich_help_panel=COMMON)]
 RankMinOpt = Annotated[int, typer.Option("--rank-min", help="Smallest rank of any adapted module.",
                                          rich_help_panel=COMMON)]
-RankMaxOpt = Annotated[int, typer.Option("--rank-max", help="Largest rank of any adapted module.",
-                                         rich_help_panel=COMMON)]
+RankMaxOpt = Annotated[Optional[int], typer.Option("--rank-max", help="Largest rank of any adapted module "
+                                                   "(default 128; under --budget flat 4 x --rank when that is more).",
+                                                   show_default=False, rich_help_panel=COMMON)]
 ConvergencePatienceOpt = Annotated[
     int, typer.Option("--convergence-patience", help="Stop a run once its module ranking is stable for N batches.",
                       rich_help_panel=SCHEDULE)
@@ -98,7 +99,8 @@ MapOutputOpt = Annotated[
 BudgetOpt = Annotated[
     str, typer.Option("--budget", help="median (the reference's rule): the median rank is --rank; flat: total "
                                        "adapter parameters equal a flat LoRA at --rank on every module (the map the "
-                                       "planted benchmark measures best; give it --rank-max >= 4 x --rank).",
+                                       "planted benchmark measures best when --rank-max is at least 4 x --rank, its "
+                                       "default there).",
                       rich_help_panel=ADVANCED)
 ]
 AlphaRatioOpt = Annotated[float, typer.Option("--alpha-ratio", help="LoRA alpha = ratio × rank.",

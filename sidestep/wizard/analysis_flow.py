@@ -1,4 +1,4 @@
-"""Preprocessing++ in the wizard: preset → model → dataset → focus → ranks → budget → confirm → run → result.
+"""Preprocessing++ in the wizard: preset → model → dataset → focus → budget → ranks → confirm → run → result.
 
 The answers build the same `AnalysisConfig` as `sidestep analyze`, validated by the same code, and the run
 is the same library call; nothing here has its own defaults.
@@ -12,7 +12,7 @@ from typing import Any
 from rich.table import Table
 
 from sidestep.analysis.allocate import BudgetMode
-from sidestep.analysis.config import AnalysisConfig
+from sidestep.analysis.config import AnalysisConfig, default_rank_max
 from sidestep.errors import SidestepError
 from sidestep.objective import Focus, parse_focus
 from sidestep.wizard.asker import Asker, Back, Option
@@ -33,8 +33,8 @@ BUDGET_OPTIONS = [
     Option("median", BudgetMode.MEDIAN.value, "Side-Step's rule: the median adapted module gets the base rank, "
                                               "about half the modules are adapted"),
     Option("flat", BudgetMode.FLAT.value, "the parameters of a flat LoRA at the base rank, spent where the probe "
-                                          "finds need; the best map on our planted benchmark when the largest "
-                                          "rank is at least 4 × the base rank"),
+                                          "finds need; the best map on our planted benchmark (largest rank at "
+                                          "least 4 × the base rank)"),
 ]
 # Preset field -> AnalysisConfig field (a preset's `rank` is the analysis' base rank).
 PRESET_FIELDS_USED = {"rank": "base_rank", "rank_min": "rank_min", "rank_max": "rank_max"}
@@ -67,10 +67,10 @@ def _steps() -> list[Step]:
         Step("dataset_dir", ask_dataset),
         Step("focus", _ask_focus),
         Step("custom_focus", _ask_custom_focus, when=lambda ans: ans.get("focus") == CUSTOM),
+        Step("budget", _ask_budget),
         Step("base_rank", _rank_question("base_rank", "Base rank (the median rank, or the flat LoRA's rank)")),
         Step("rank_min", _rank_question("rank_min", "Smallest rank any module may get")),
         Step("rank_max", _rank_question("rank_max", "Largest rank any module may get")),
-        Step("budget", _ask_budget),
         Step("go", _confirm),
     ]
 
@@ -110,7 +110,7 @@ def _rank_question(key: str, message: str):
     preset_key = next(k for k, v in PRESET_FIELDS_USED.items() if v == key)
 
     def ask(asker: Asker, answers: Answers) -> int:
-        default = answers.get(key, answers.get("preset_values", {}).get(preset_key, default_of(AnalysisConfig, key)))
+        default = answers.get(key, answers.get("preset_values", {}).get(preset_key, _config_default(key, answers)))
 
         def check(value: int) -> str | None:
             # Judged by the very config the CLI builds; bounds not asked yet are set so only this answer counts.
@@ -129,6 +129,13 @@ def _rank_question(key: str, message: str):
         return asker.integer(message, default=default, lo=lo, hi=hi, validate=check)
 
     return ask
+
+
+def _config_default(key: str, answers: Answers) -> Any:
+    """The config's own default for `key`; --rank-max's depends on the budget and base rank already answered."""
+    if key == "rank_max":
+        return default_rank_max(answers.get("budget", default_of(AnalysisConfig, "budget")), answers.get("base_rank"))
+    return default_of(AnalysisConfig, key)
 
 
 def _confirm(asker: Asker, answers: Answers) -> bool:
