@@ -213,12 +213,15 @@ def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict
     reported: over the map's own modules (`control`) and over every target (`control_anywhere`); the oracle
     against its own permutation says whether the first can tell good allocation from bad on this task.
     """
+    def interval(arm: str, field: str) -> list[float] | None:
+        return (arms.get(arm, {}).get(field) or {}).get("ci95_t")
+
     def below_zero(arm: str, field: str) -> bool | None:
-        ci = (arms.get(arm, {}).get(field) or {}).get("ci95_t")
+        ci = interval(arm, field)
         return None if not ci else ci[1] < 0
 
     def not_above_zero(arm: str, field: str) -> bool | None:
-        ci = (arms.get(arm, {}).get(field) or {}).get("ci95_t")
+        ci = interval(arm, field)
         return None if not ci else ci[0] <= 0
 
     default = f"map_{DEFAULT_SIGNAL}"
@@ -242,10 +245,6 @@ def map_agreement(cells: list[dict]) -> dict[str, list[float]]:
     module's parameters, and the Spearman of those parameters over every target (0 where not adapted)."""
     def overlap(a: dict, b: dict) -> float:
         return sum(min(a[n], b[n]) for n in a) / sum(a.values())
-
-    def rho(a: dict, b: dict) -> float:
-        names = sorted(a)
-        return float(spearmanr([a[n] for n in names], [b[n] for n in names])[0])
     by_plant: dict[int, list[dict]] = {}
     for c in cells:
         if "map_params" in c:  # runs recorded before the field was added have none
@@ -254,7 +253,7 @@ def map_agreement(cells: list[dict]) -> dict[str, list[float]]:
              "two_plants": [(a[0], b[0]) for i, a in enumerate(by_plant.values())
                             for b in list(by_plant.values())[i + 1:]]}
     return {f"{what}_{kind}": [f(a, b) for a, b in found] for kind, found in pairs.items()
-            for what, f in (("budget_shared", overlap), ("spearman", rho))}
+            for what, f in (("budget_shared", overlap), ("spearman", _spearman))}
 
 
 def _controls_of(arm: str, runs: dict[str, dict]) -> dict[str, dict]:
@@ -271,18 +270,15 @@ def _controls_of(arm: str, runs: dict[str, dict]) -> dict[str, dict]:
 def _differential(cells: list[dict], controls: list[dict]) -> dict:
     """Per measure (the probe's score, the need): concentration on planted data vs on the base's own samples, and
     agreement across seeds of the same data and across plants."""
-    def rho(a: dict, b: dict) -> float:
-        names = sorted(a)
-        return float(spearmanr([a[n] for n in names], [b[n] for n in names])[0])
     by_plant: dict[int, list[dict]] = {}
     for c in cells:
         by_plant.setdefault(c["plant"], []).append(c)
     out = {}
     for field in sorted({f for c in cells for f in c["concentration"]}):
         of = lambda c: c["concentration"].get(field, {})  # noqa: E731
-        same = [rho(of(v[0])["per_param"], of(v[1])["per_param"]) for v in by_plant.values() if len(v) > 1]
+        same = [_spearman(of(v[0])["per_param"], of(v[1])["per_param"]) for v in by_plant.values() if len(v) > 1]
         firsts = [of(v[0])["per_param"] for v in by_plant.values()]
-        across = [rho(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]]
+        across = [_spearman(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]]
         owns = [of(c) for c in controls if of(c)]
         teachers = [c["teacher"][field] for c in controls if field in c.get("teacher", {})]
         planted_share = [of(c)["top10_share"] for c in cells]
@@ -300,6 +296,12 @@ def _differential(cells: list[dict], controls: list[dict]) -> dict:
             out[field]["relative_fall"] = falls
             out[field]["teacher_fall_below_every_planted"] = _below_every(falls["teacher"], falls["planted"])
     return out
+
+
+def _spearman(a: dict, b: dict) -> float:
+    """Spearman correlation of two per-module mappings over the same names."""
+    names = sorted(a)
+    return float(spearmanr([a[n] for n in names], [b[n] for n in names])[0])
 
 
 def _below_every(values: list[float], planted: list[float]) -> bool:

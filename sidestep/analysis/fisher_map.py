@@ -25,7 +25,7 @@ from sidestep.fileio import backup_existing, write_json_atomic
 __all__ = [
     "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
-    "NEED_FIELD", "PROBE_FIELD", "TURBO_MAP_ADVICE", "Concentration", "concentration_summary", "concentrations",
+    "NEED_FIELD", "PROBE_FIELD", "TURBO_MAP_ADVICE", "Concentration", "concentration_summary", "concentrations", "modules_at_rank_max",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
@@ -572,6 +572,11 @@ class Concentration:
     spread_evenly: bool
     per_module: dict[str, float]
     loss_fall: float | None = None
+
+
+def modules_at_rank_max(fmap: FisherMap) -> int:
+    """How many adapted modules sit at the map's --rank-max (0 for maps that record none)."""
+    return sum(r == fmap.rank_max for r in fmap.rank_pattern.values()) if fmap.rank_max else 0
 
 
 def concentration_summary(fmap: FisherMap) -> Concentration | None:

@@ -10,8 +10,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+from sidestep.analysis.config import FLAT_HEADROOM
 from sidestep.analysis.engine import AnalysisResult
-from sidestep.analysis.fisher_map import Concentration, FisherMap, concentration_summary
+from sidestep.analysis.fisher_map import Concentration, FisherMap, concentration_summary, modules_at_rank_max
 from sidestep.analysis.modules import PROJECTIONS, Category, category_of, layer_of, suffix_of
 
 __all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "rank_max_sentence", "render_png"]
@@ -81,7 +82,7 @@ def rank_max_sentence(preview: Preview) -> str | None:
     """
     if not preview.flat_budget or not preview.rank_max or preview.at_rank_max < max(1, CAPPED_SHARE * preview.adapted):
         return None
-    wider = 4 * (preview.base_rank or 0)
+    wider = FLAT_HEADROOM * (preview.base_rank or 0)
     hint = f"; --rank-max {wider} or more lets it" if wider > preview.rank_max else ""
     return (f"{preview.at_rank_max} of the {preview.adapted} adapted modules are at --rank-max {preview.rank_max}: "
             f"the flat budget would go further to the modules that ask for most, so it spreads over more modules "
@@ -116,7 +117,7 @@ def build_preview(fmap: FisherMap) -> Preview:
         cross_run_spearman=convergence.cross_run_spearman if convergence else None,
         runs=tuple((r.run, r.batches, r.final_spearman, r.converged) for r in convergence.runs) if convergence else (),
         concentration=concentration_summary(fmap),
-        at_rank_max=sum(r == fmap.rank_max for r in ranks) if fmap.rank_max else 0,
+        at_rank_max=modules_at_rank_max(fmap),
         rank_max=fmap.rank_max,
         base_rank=fmap.base_rank,
         flat_budget=fmap.budget_mode == "flat",

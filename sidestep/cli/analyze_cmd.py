@@ -43,7 +43,7 @@ from sidestep.cli.options import (
     WeightRankOpt,
     YesOpt,
 )
-from sidestep.analysis.fisher_map import concentration_summary
+from sidestep.analysis.fisher_map import concentration_summary, modules_at_rank_max
 from sidestep.errors import ConfigError
 
 __all__ = ["analyze", "summary_json"]
@@ -193,7 +193,7 @@ def summary_json(outcome) -> dict[str, Any]:
         "adapted_modules": len(fmap.rank_pattern),
         "excluded_modules": len(fmap.excluded_modules),
         "ranks": {"min": ranks[0] if ranks else None, "max": ranks[-1] if ranks else None, "base": fmap.base_rank},
-        "modules_at_rank_max": sum(r == fmap.rank_max for r in ranks) if fmap.rank_max else 0,
+        "modules_at_rank_max": modules_at_rank_max(fmap),
         "trainable_params": fmap.trainable_params,
         "flat_equivalent_params": fmap.flat_equivalent_params,
         "num_runs": fmap.num_runs,
