@@ -8,7 +8,8 @@ distillation error against the teacher on fixed seeded inputs (1 = the planted b
 the flow-matching test loss and forgetting (loss change on another law). Arms: flat; oracle (the planted modules,
 ranks ∝ true ranks); planted modules at equal ranks; our map for each --rank-signal (--budget flat); the
 reference (Side-Step) rule; the random-permutation control of the default map, and its ranks on randomly drawn
-modules. The LR is chosen on validation.
+modules. The LR is chosen on validation. The oracle arms may reach --rank-max (64); the maps, analysed under
+--budget flat, get --flat-rank-max, by default 4 × --rank as `sidestep analyze --budget flat` does.
 
     python bench/planted.py                 # default: plants 0-3 × seeds 0,1 (n = 8 paired cells)
     python bench/planted.py --quick         # CI smoke (tiny sizes, one cell, one LR)
@@ -83,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     sizes = {"seeds": int, "layers": int, "hidden": int, "pretrain-steps": int, "train-samples": int,
              "eval-samples": int, "eval-draws": int, "steps": int, "batch-size": int, "warmup": int, "lrs": str,
-             "rank": int, "rank-min": int, "rank-max": int, "rank-step": int, "damage": float, "max-scale": float,
-             "ode-steps": int}
+             "rank": int, "rank-min": int, "rank-max": int, "rank-step": int, "flat-rank-max": int, "damage": float,
+             "max-scale": float, "ode-steps": int}
     args = parse_with_preset(p, sizes, PRESETS, argv)
     if args.plant_seed:  # the alias, when given, names the plants
         args.plants = args.plant_seed
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
     spec = BaseSpec(num_layers=args.layers, hidden=args.hidden, steps=args.pretrain_steps)
     base = ensure_base(args.cache, spec, log)
     teacher = load_model(find_model(base.root, MODEL_FOLDER, None), runtime)
-    cfg = CellConfig(Budget(args.rank, args.rank_min, args.rank_max, args.rank_step), args.steps, args.batch_size,
+    cfg = CellConfig(Budget(args.rank, args.rank_min, args.rank_max, args.rank_step, flat_hi=args.flat_rank_max),
+                     args.steps, args.batch_size,
                      args.warmup, tuple(float(x) for x in args.lrs.split(",")), tuple(args.signals.split(",")),
                      tuple(args.arms.split(",")) if args.arms else None, args.probe_lr)
     records, cells, plants, controls = [], [], [], []

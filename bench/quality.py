@@ -10,6 +10,9 @@ the best LR on validation is reported on test, with forgetting measured on held-
     python bench/quality.py --quick          # CI smoke: tiny sizes, 1 task, 1 seed, 1 LR (< 2 min)
     python bench/quality.py --task-seed 5    # another task of the same kind
 
+Budget: --rank 4, --rank-min 1, --rank-max 8 (the product's 64/16/128 scaled to hidden 128); the maps analysed
+under --budget flat get --flat-rank-max, by default 4 × --rank as `sidestep analyze --budget flat` does.
+
 stdout: one JSON line per arm × seed × task, then one summary JSON line (also written to --out FILE).
 Progress goes to stderr.
 """
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = {"layers": int, "hidden": int, "pretrain-steps": int, "seeds": int, "train-samples": int,
              "val-samples": int, "test-samples": int, "base-samples": int, "eval-draws": int, "steps": int,
              "batch-size": int, "warmup": int, "lrs": str, "rank": int, "rank-min": int, "rank-max": int,
-             "rank-step": int}
+             "rank-step": int, "flat-rank-max": int}
     return parse_with_preset(p, sizes, PRESETS, argv)
 
 
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
     started = time.perf_counter()
     arms = tuple(a for a in ARM_ORDER if a in set(args.arms.split(",")) | {"flat"})
     cfg = CellConfig(
-        budget=Budget(args.rank, args.rank_min, args.rank_max, args.rank_step), steps=args.steps,
+        budget=Budget(args.rank, args.rank_min, args.rank_max, args.rank_step, flat_hi=args.flat_rank_max),
+        steps=args.steps,
         batch_size=args.batch_size, warmup=args.warmup, lrs=tuple(float(x) for x in args.lrs.split(",")),
         n_train=args.train_samples, n_val=args.val_samples, n_test=args.test_samples, n_base_eval=args.base_samples,
         eval_draws=args.eval_draws, rank_signal=args.rank_signal or DEFAULT_SIGNAL, arms=arms, focus=args.focus,

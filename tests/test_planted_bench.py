@@ -81,6 +81,8 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
     assert [len(falls[k]) for k in ("planted", "own_samples", "teacher")] == [4, 2, 2]
     assert all(-1 < v < 1 for values in falls.values() for v in values)
     assert "| arm |" in (tmp / "table.md").read_text()
+    # the maps stop at the product's flat cap, 4 × --rank 4, not at the oracle's --rank-max 32
+    assert [cell["map_rank_max"] for cell in full["cells"]] == [16] * 4
     agree = summary["map_agreement"]  # the default maps themselves: 2 plants × 2 seeds
     assert len(agree["budget_shared_two_seeds"]) == 2 and len(agree["budget_shared_two_plants"]) == 1
     assert all(0 <= v <= 1 for v in agree["budget_shared_two_seeds"] + agree["budget_shared_two_plants"])

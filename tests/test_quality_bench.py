@@ -102,3 +102,18 @@ def test_budget_matching_does_not_trade_one_gap_back_and_forth():
     shapes_big = {n: shapes[n] for n in only_big}
     out = match_budget(only_big, shapes_big, params_of(only_big, shapes_big) + 64, 2, 2, 16, tolerance=0.01)
     assert params_of(out, shapes_big) == params_of(only_big, shapes_big) + 64
+
+
+def test_flat_budget_maps_get_the_products_flat_cap_unless_given():
+    load_bench("quality")
+    from quality_lib.arms import Budget
+
+    from sidestep.analysis.config import FLAT_HEADROOM, default_rank_max
+
+    preset = Budget(4, 1, 8, 1)  # the quality preset: --rank-max 8 = 2 × --rank, the median mode's ratio
+    assert preset.flat_cap == FLAT_HEADROOM * 4 == 16
+    assert preset.for_flat_maps().hi == 16 and preset.for_flat_maps().base == 4
+    assert default_rank_max("flat", 64) == 64 * FLAT_HEADROOM  # the product's ratio the bench scales down
+    wide = Budget(4, 1, 64, 1)  # the planted preset: room for the oracle; the maps still stop at 16
+    assert wide.flat_cap == 16 and wide.for_flat_maps().hi == 64
+    assert Budget(4, 1, 8, 1, flat_hi=8).flat_cap == 8  # --flat-rank-max 8: the old capped measurement

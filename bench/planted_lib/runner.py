@@ -87,6 +87,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     cell = workdir / f"plant-{plant.spec.seed}" / f"seed-{seed}"
     shapes = module_shapes(loaded.transformer)
     b = cfg.budget
+    fb = b.for_flat_maps()
     acfg = AnalysisConfig(dataset_dir=data.train_dir, output=cell / "analysis" / "fisher_map.json", base_rank=b.base,
                           rank_min=b.lo, rank_max=b.hi, rank_step=b.step, budget="flat", alpha_ratio=b.alpha_ratio,
                           seed=seed, write_init=False)
@@ -116,9 +117,10 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         log(f"  probe {result.probe.seconds:.1f}s at lr {result.probe.lr_used:g}")
     precision, partner_precision, maps = {}, {}, {}
     for signal in cfg.signals:
-        fmap, _ = build_map(replace(acfg, rank_signal=signal), loaded, result, scan)
+        # the analysis keeps --rank-max's sketch width; only the maps stop at the flat budget's cap
+        fmap, _ = build_map(replace(acfg, rank_signal=signal, rank_max=b.flat_cap), loaded, result, scan)
         maps[signal] = fmap
-        arms[f"map_{signal}"] = matched_arm(f"map_{signal}", fmap.rank_pattern, shapes, b, target)
+        arms[f"map_{signal}"] = matched_arm(f"map_{signal}", fmap.rank_pattern, shapes, fb, target)
         scores = signal_scores(RankSignal(signal), result)
         top = sorted(scores, key=lambda n: (-scores[n], n))[: len(planted)]
         precision[signal] = len(planted & set(top)) / len(planted)
@@ -132,14 +134,15 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
                                                                  {n: float(s.weight_rank or 1) for n, s in stats.items()},
                                                                  b.base, b.lo, b.hi, b.step), shapes, b, target)
     default = arms[f"map_{DEFAULT_SIGNAL}"] if f"map_{DEFAULT_SIGNAL}" in arms else arms[f"map_{cfg.signals[0]}"]
-    arms["control"] = matched_arm("control", permuted(default.ranks, seed), shapes, b, target,
+    arms["control"] = matched_arm("control", permuted(default.ranks, seed), shapes, fb, target,
                                   notes=("ranks of the default map shuffled over the same modules",))
-    arms["control_anywhere"] = matched_arm("control_anywhere", scattered(default.ranks, list(shapes), seed), shapes, b,
-                                           target, notes=("ranks of the default map on randomly drawn modules",))
+    arms["control_anywhere"] = matched_arm("control_anywhere", scattered(default.ranks, list(shapes), seed), shapes,
+                                           fb, target, notes=("ranks of the default map on randomly drawn modules",))
     info = {"plant": plant.spec.seed, "seed": seed, "analysis_seconds": analysis_seconds, "flat_params": target,
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
             "precision_top_S": precision, "precision_top_S_with_partner": partner_precision,
             "concentration": concentration_record(outcome.map),
+            "map_rank_max": maps.get(DEFAULT_SIGNAL, maps[cfg.signals[0]]).rank_max,
             "map_params": {n: default.ranks.get(n, 0) * (shapes[n].in_features + shapes[n].out_features) for n in shapes},
             "arms": {k: {"params": a.params, "modules": len(a.ranks),
                          "planted_param_share": _planted_share(a, planted, shapes),

@@ -7,9 +7,10 @@ Numbering follows issue 10: (1) flat, (2) reference rule, (3) our map / median m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
+from sidestep.analysis.config import FLAT_HEADROOM
 from sidestep.analysis.modules import ModuleShape
 
 from .allocation import match_budget, params_of, permuted, reference_ranks
@@ -36,6 +37,16 @@ class Budget:
     hi: int
     step: int
     alpha_ratio: float = 2.0
+    flat_hi: int | None = None  # --rank-max of the maps analysed under --budget flat; None = FLAT_HEADROOM × base
+
+    @property
+    def flat_cap(self) -> int:
+        """The cap a `--budget flat` analysis gets: the product's default ratio to the flat rank unless given."""
+        return self.flat_hi if self.flat_hi is not None else FLAT_HEADROOM * self.base
+
+    def for_flat_maps(self) -> Budget:
+        """This budget with room for the flat-budget maps' ranks (their arms are matched within these bounds)."""
+        return replace(self, hi=max(self.hi, self.flat_cap))
 
 
 @dataclass(frozen=True)

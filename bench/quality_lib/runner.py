@@ -123,7 +123,8 @@ def _build_arms(task: Task, seed: int, entry: ModelEntry, loaded: LoadedModel, r
     outcome = analyze_dataset(acfg, entry, runtime, loader=lambda _e, _r: loaded)  # the one library entry
     analysis_seconds = time.perf_counter() - started
     scan = scan_dataset(task.train_dir, DatasetSpec.from_model_config(entry.config))
-    flat_map, _ = build_map(replace(acfg, budget="flat"), loaded, outcome.result, scan)
+    fb = b.for_flat_maps()  # the flat-budget maps get the product's flat cap, not the median mode's
+    flat_map, _ = build_map(replace(acfg, budget="flat", rank_max=b.flat_cap), loaded, outcome.result, scan)
     stats = outcome.result.by_name
     log(f"  analysis {analysis_seconds:.1f}s: median map {len(outcome.map.rank_pattern)} modules, "
         f"flat-budget map {len(flat_map.rank_pattern)} modules")
@@ -138,13 +139,13 @@ def _build_arms(task: Task, seed: int, entry: ModelEntry, loaded: LoadedModel, r
     }
     built: dict[str, Arm] = {"flat": flat, "flat_rslora": flat_arm(shapes, b, key="flat_rslora")}
     for key, native in natives.items():
-        built[key] = matched_arm(key, native, shapes, b, target)
-    built["control"] = matched_arm("control", control_native(built["map_flat"].ranks, seed), shapes, b, target,
+        built[key] = matched_arm(key, native, shapes, fb if key == "map_flat" else b, target)
+    built["control"] = matched_arm("control", control_native(built["map_flat"].ranks, seed), shapes, fb, target,
                                    notes=("ranks of (4) shuffled over the same modules",))
-    built["map_flat_rslora"] = matched_arm("map_flat_rslora", natives["map_flat"], shapes, b, target, rslora=True)
+    built["map_flat_rslora"] = matched_arm("map_flat_rslora", natives["map_flat"], shapes, fb, target, rslora=True)
     if InitMode.GRADIENT in AVAILABLE_INITS:  # joins when issue 11 lands
         built["flat_grad"] = flat_arm(shapes, b, key="flat_grad", init="gradient")
-        built["map_grad"] = matched_arm("map_grad", natives["map_flat"], shapes, b, target, init="gradient")
+        built["map_grad"] = matched_arm("map_grad", natives["map_flat"], shapes, fb, target, init="gradient")
     template = replace(outcome.map, modules=(), created_at="", report=None)
     maps = {key: _arm_map(template, arm, shapes) for key, arm in built.items() if not arm.flat}
     arms = [built[k] for k in ARM_ORDER if k in built and k in cfg.arms]
