@@ -20,7 +20,7 @@ def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
     argv = ["--quick", "--cache", str(tmp_path / "cache"), "--workdir", str(tmp_path / "work"),
             "--out", str(tmp_path / "result.json"), "--markdown", str(tmp_path / "table.md"),
             "--layers", "2", "--hidden", "32", "--pretrain-steps", "20", "--steps", "3", "--train-samples", "6",
-            "--val-samples", "2", "--test-samples", "2", "--base-samples", "2", "--eval-draws", "2"]
+            "--val-samples", "2", "--test-samples", "2", "--base-samples", "2", "--eval-draws", "2", "--rank-max", "8"]
     threads = torch.get_num_threads()
     try:
         summary = bench.main(argv, emit=lines.append)  # sets torch to 1 thread, as the bench does
@@ -40,7 +40,10 @@ def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
     assert summary["max_param_mismatch_vs_flat"] <= 0.01
     assert all(math.isfinite(c["mean"]) for c in summary["comparisons"])
     assert len(summary["verdicts"]) == len(summary["comparisons"])
-    assert json.loads((tmp_path / "result.json").read_text())["records"] == records
+    full = json.loads((tmp_path / "result.json").read_text())
+    assert full["records"] == records
+    # median mode keeps --rank-max 8 (2 × --rank); the --budget flat map gets the product's 4 × --rank
+    assert [cell["flat_map_rank_max"] for cell in full["cells"]] == [16]
     assert "| arm |" in (tmp_path / "table.md").read_text()
 
 

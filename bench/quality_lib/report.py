@@ -24,7 +24,7 @@ def summarize(records: list[dict], cells: list[dict], tasks: list[dict]) -> dict
 
 
 _CELL_KEYS = ("task_seed", "seed", "analysis_seconds", "flat_params", "median_map_native_params",
-              "flat_map_native_params", "cross_run_spearman")
+              "flat_map_native_params", "flat_map_rank_max", "cross_run_spearman")
 
 
 def _summarize(records: list[dict]) -> dict:

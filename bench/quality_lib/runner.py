@@ -151,6 +151,7 @@ def _build_arms(task: Task, seed: int, entry: ModelEntry, loaded: LoadedModel, r
     arms = [built[k] for k in ARM_ORDER if k in built and k in cfg.arms]
     info = {"analysis_seconds": analysis_seconds, "flat_params": target,
             "median_map_native_params": outcome.map.trainable_params, "flat_map_native_params": flat_map.trainable_params,
+            "flat_map_rank_max": flat_map.rank_max,
             "cross_run_spearman": outcome.result.cross_run_spearman, "arms": [a.describe() for a in arms],
             "init_file": None if outcome.init_path is None else str(outcome.init_path)}
     return arms, maps, info
