@@ -202,19 +202,26 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     signals = sorted({s for c in cells for s in c["precision_top_S"]})
     precision = {s: statistics.fmean(c["precision_top_S"][s] for c in cells) for s in signals}
     partner = {s: statistics.fmean(c["precision_top_S_with_partner"][s] for c in cells) for s in signals}
-    differential = _differential(cells, controls)
+    differential, agreement = _differential(cells, controls), map_agreement(cells)
     return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner, "plants": plants,
-            "differential_control": differential, "map_agreement": map_agreement(cells),
-            "acceptance": acceptance(arms, precision, partner), "verdicts": verdicts}
+            "differential_control": differential, "map_agreement": agreement,
+            "acceptance": acceptance(arms, precision, partner, differential.get(DEFAULT_SIGNAL), agreement),
+            "verdicts": verdicts}
 
 
-def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict[str, float]) -> dict[str, bool | None]:
+def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict[str, float],
+               differential: dict | None = None, agreement: dict[str, list[float]] | None = None
+               ) -> dict[str, bool | None]:
     """Issue 18's criteria for the default map, each True/False, or None when this run lacks the arms to say.
 
     "Outside the CI" means the paired 95% t interval excludes 0. Two readings of the permutation control are
     reported: over the map's own modules (`control`) and over every target (`control_anywhere`); the oracle
-    against its own permutation says whether the first can tell good allocation from bad on this task.
+    against its own permutation says whether the first can tell good allocation from bad on this task. The
+    differential control (`differential`: the default measure's entry of the summary's `differential_control`;
+    `agreement`: `map_agreement`) is read on the scores, as the issue states it, and on the maps themselves.
     """
+    def every(values: list[float] | None, test) -> bool | None:
+        return None if not values else all(test(v) for v in values)
     def interval(arm: str, field: str) -> list[float] | None:
         return (arms.get(arm, {}).get(field) or {}).get("ci95_t")
 
@@ -228,6 +235,7 @@ def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict
 
     default = f"map_{DEFAULT_SIGNAL}"
     share = arms.get(default, {}).get("oracle_gain_share")
+    d, a = differential or {}, agreement or {}
     return {
         "oracle_beats_flat": below_zero("oracle", "distill_vs_flat"),
         "map_recovers_70pct_of_the_oracle_gain": None if share is None else share >= 0.70,
@@ -238,6 +246,14 @@ def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict
         "precision_at_least_0.8": None if DEFAULT_SIGNAL not in precision else precision[DEFAULT_SIGNAL] >= 0.8,
         "precision_with_partners_at_least_0.8": None if DEFAULT_SIGNAL not in partner else partner[DEFAULT_SIGNAL] >= 0.8,
         "map_forgets_no_more_than_flat": not_above_zero(default, "forgetting_vs_flat"),
+        "own_samples_less_concentrated_than_every_plant": (
+            None if not d.get("own_samples_top10_share") else d["own_below_every_planted"]),
+        "two_seeds_agree_at_least_0.95": every(d.get("spearman_same_data_two_seeds"), lambda v: v >= 0.95),
+        "two_plants_differ_at_most_0.5": every(d.get("spearman_two_plants"), lambda v: v <= 0.5),
+        "two_seeds_maps_agree_at_least_0.95": every(a.get("spearman_two_seeds"), lambda v: v >= 0.95),
+        "two_plants_maps_differ_at_most_0.5": every(a.get("spearman_two_plants"), lambda v: v <= 0.5),
+        "teacher_loss_fall_below_every_plant": (
+            d.get("teacher_fall_below_every_planted") if d.get("relative_fall", {}).get("teacher") else None),
     }
 
 

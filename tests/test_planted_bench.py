@@ -68,6 +68,9 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
     assert "distill_vs_control" in summary["arms"]["oracle"]  # the oracle against its own permutation
     assert "distill_vs_control" not in summary["arms"]["oracle_control"]
     assert isinstance(summary["acceptance"]["oracle_beats_its_own_permutation"], bool)
+    for criterion in ("own_samples_less_concentrated_than_every_plant", "two_seeds_agree_at_least_0.95",
+                      "two_plants_maps_differ_at_most_0.5", "teacher_loss_fall_below_every_plant"):
+        assert isinstance(summary["acceptance"][criterion], bool), criterion  # the differential, read in this run
     assert "Issue 18's criteria" in (tmp / "table.md").read_text()
     for arm in ("map_data", "control"):  # the share of the oracle's gain comes with its interval
         row = summary["arms"][arm]
@@ -103,6 +106,19 @@ def test_acceptance_reads_each_criterion_from_its_interval():
     assert checks["map_beats_its_permutation_over_every_target"] is None  # not in this run
     assert checks["precision_at_least_0.8"] is True and checks["precision_with_partners_at_least_0.8"] is None
     assert checks["map_forgets_no_more_than_flat"] is False  # significantly more forgetting
+    assert checks["two_seeds_agree_at_least_0.95"] is None  # no differential control in this run
+
+    differential = {"own_samples_top10_share": [0.6, 0.7], "own_below_every_planted": False,
+                    "spearman_same_data_two_seeds": [0.97, 0.94], "spearman_two_plants": [0.2, 0.5],
+                    "relative_fall": {"teacher": [0.01]}, "teacher_fall_below_every_planted": True}
+    agreement = {"spearman_two_seeds": [0.96, 0.99], "spearman_two_plants": [0.3, 0.51]}
+    checks = bench.acceptance(arms, {}, {}, differential, agreement)
+    assert checks["own_samples_less_concentrated_than_every_plant"] is False
+    assert checks["two_seeds_agree_at_least_0.95"] is False  # one pair of seeds at 0.94
+    assert checks["two_plants_differ_at_most_0.5"] is True  # 0.5 itself passes
+    assert checks["two_seeds_maps_agree_at_least_0.95"] is True
+    assert checks["two_plants_maps_differ_at_most_0.5"] is False  # one pair of plants at 0.51
+    assert checks["teacher_loss_fall_below_every_plant"] is True
 
 
 def test_map_agreement_is_the_budget_two_maps_share():
