@@ -101,10 +101,9 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
     spec = BaseSpec(num_layers=args.layers, hidden=args.hidden, steps=args.pretrain_steps)
     base = ensure_base(args.cache, spec, log)
     teacher = load_model(find_model(base.root, MODEL_FOLDER, None), runtime)
-    cfg = CellConfig(Budget(args.rank, args.rank_min, args.rank_max, args.rank_step, flat_hi=args.flat_rank_max),
-                     args.steps, args.batch_size,
-                     args.warmup, tuple(float(x) for x in args.lrs.split(",")), tuple(args.signals.split(",")),
-                     tuple(args.arms.split(",")) if args.arms else None, args.probe_lr)
+    budget = Budget(args.rank, args.rank_min, args.rank_max, args.rank_step, flat_hi=args.flat_rank_max)
+    cfg = CellConfig(budget, args.steps, args.batch_size, args.warmup, tuple(float(x) for x in args.lrs.split(",")),
+                     tuple(args.signals.split(",")), tuple(args.arms.split(",")) if args.arms else None, args.probe_lr)
     records, cells, plants, controls = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="sidestep-planted-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -222,6 +221,7 @@ def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict
     """
     def every(values: list[float] | None, test) -> bool | None:
         return None if not values else all(test(v) for v in values)
+
     def interval(arm: str, field: str) -> list[float] | None:
         return (arms.get(arm, {}).get(field) or {}).get("ci95_t")
 
