@@ -133,7 +133,8 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     arms["reference"] = matched_arm("reference", reference_ranks({n: s.fisher for n, s in stats.items()},
                                                                  {n: float(s.weight_rank or 1) for n, s in stats.items()},
                                                                  b.base, b.lo, b.hi, b.step), shapes, b, target)
-    default = arms[f"map_{DEFAULT_SIGNAL}"] if f"map_{DEFAULT_SIGNAL}" in arms else arms[f"map_{cfg.signals[0]}"]
+    default_signal = DEFAULT_SIGNAL if DEFAULT_SIGNAL in maps else cfg.signals[0]  # the map the controls shuffle
+    default = arms[f"map_{default_signal}"]
     arms["control"] = matched_arm("control", permuted(default.ranks, seed), shapes, fb, target,
                                   notes=("ranks of the default map shuffled over the same modules",))
     arms["control_anywhere"] = matched_arm("control_anywhere", scattered(default.ranks, list(shapes), seed), shapes,
@@ -142,7 +143,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
             "precision_top_S": precision, "precision_top_S_with_partner": partner_precision,
             "concentration": concentration_record(outcome.map),
-            "map_rank_max": maps.get(DEFAULT_SIGNAL, maps[cfg.signals[0]]).rank_max,
+            "map_rank_max": maps[default_signal].rank_max,
             "map_params": {n: default.ranks.get(n, 0) * (shapes[n].in_features + shapes[n].out_features) for n in shapes},
             "arms": {k: {"params": a.params, "modules": len(a.ranks),
                          "planted_param_share": _planted_share(a, planted, shapes),
