@@ -416,3 +416,35 @@ def test_map_ranks_reach_peft_with_suffixes_and_exclusions():
         rank_pattern=fmap.rank_pattern, alpha_pattern=fmap.alpha_pattern,
     )  # fmt: skip
     _assert_adapted_as_mapped(peft.inject_adapter_in_model(config, _TinyDit()), fmap)
+
+
+def test_preview_of_a_probe_map_shows_what_set_its_ranks(capsys):
+    from sidestep.analysis.report import build_preview
+    from sidestep.display.analysis import print_preview
+
+    fisher_map = v3_map()
+    adapted = sorted(fisher_map.rank_pattern)
+    left_out = fisher_map.excluded_modules[0]
+    shares = {adapted[0]: 0.03, adapted[1]: 0.05, left_out: 0.06, adapted[2]: -0.01}  # of a fall of 0.1
+    probe = {"top10_share": 0.5, "spread_evenly": False, "loss_before": 0.5, "loss_probed": 0.4,
+             "per_module": {n: {"loss_share": v, "score": 1e-4} for n, v in shares.items()}}
+    probe_map = dataclasses.replace(fisher_map, rank_signal="probe", extra={"probe": probe})
+    preview = build_preview(probe_map)
+    assert preview.probe_set_ranks
+    assert [m.name for m in preview.top] == [left_out, adapted[1], adapted[0], adapted[2]]
+    assert [m.fall_share for m in preview.top] == pytest.approx([0.6, 0.5, 0.3, -0.1])
+    assert preview.top[0].rank is None and preview.top[1].rank == fisher_map.rank_pattern[adapted[1]]
+    print_preview(preview)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Top 4 modules by the probe" in err and "60.0%" in err
+    assert "Fisher runs (the probe set the ranks" in err and "low-confidence" not in err
+
+    # The same field on a map that Fisher sized, or a probe field from before the path attribution (no
+    # loss_share): the Fisher scores set the ranks, and the preview says so with its warnings.
+    old = {**probe, "per_module": {n: {"loss_rise": v, "score": 1e-4} for n, v in shares.items()}}
+    for other in (dataclasses.replace(probe_map, rank_signal="fisher"), dataclasses.replace(probe_map, extra={"probe": old})):
+        preview = build_preview(other)
+        assert not preview.probe_set_ranks and preview.top[0].fisher == max(m.fisher_score for m in fisher_map.modules)
+        print_preview(preview)
+        err = " ".join(capsys.readouterr().err.split())
+        assert "Top 5 modules by Fisher score" in err and "Convergence: run 0" in err and "1 low-confidence" in err

@@ -26,6 +26,7 @@ __all__ = [
     "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
     "NEED_FIELD", "PROBE_FIELD", "TURBO_MAP_ADVICE", "Concentration", "concentration_summary", "concentrations", "modules_at_rank_max",
+    "probe_fall_shares",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
@@ -602,6 +603,18 @@ def concentrations(fmap: FisherMap) -> dict[str, Concentration]:
         except (TypeError, KeyError, ValueError, AttributeError):
             continue
     return found
+
+
+def probe_fall_shares(fmap: FisherMap) -> dict[str, float] | None:
+    """Each module's share of the loss the probe removed (they add up to about 1; negative: its adapter raised the
+    loss), from the map's `probe` field; None when the map has no usable one."""
+    raw = fmap.extra.get(PROBE_FIELD)
+    try:
+        fall = float(raw["loss_before"]) - float(raw["loss_probed"])
+        shares = {str(k): float(v["loss_share"]) / fall for k, v in raw["per_module"].items()}
+    except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError):
+        return None
+    return shares if fall > 0 and all(map(math.isfinite, shares.values())) else None
 
 
 def _relative_fall(raw: dict) -> float | None:

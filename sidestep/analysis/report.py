@@ -10,9 +10,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from sidestep.analysis.config import FLAT_HEADROOM
+from sidestep.analysis.config import FLAT_HEADROOM, RankSignal
 from sidestep.analysis.engine import AnalysisResult
-from sidestep.analysis.fisher_map import Concentration, FisherMap, concentration_summary, modules_at_rank_max
+from sidestep.analysis.fisher_map import (Concentration, FisherMap, concentration_summary, modules_at_rank_max,
+                                          probe_fall_shares)
 from sidestep.analysis.modules import PROJECTIONS, Category, category_of, layer_of, suffix_of
 
 __all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "rank_max_sentence", "render_png"]
@@ -32,10 +33,11 @@ class CategoryCount:
 @dataclass(frozen=True, slots=True)
 class TopModule:
     name: str
-    fisher: float
+    fisher: float | None  # None in a probe map's top modules (ranked by their share of the probe's fall)
     data_rank: int | None
     weight_rank: int | None
-    rank: int
+    rank: int | None  # None: not adapted
+    fall_share: float | None = None  # its share of the probe's loss fall, when the probe set the ranks
 
 
 @dataclass(frozen=True)
@@ -58,16 +60,18 @@ class Preview:
     rank_max: int | None = None
     base_rank: int | None = None
     flat_budget: bool = False
+    probe_set_ranks: bool = False  # the ranks come from the probe; the Fisher runs only fill the map's other fields
 
 
 def concentration_sentence(c: Concentration) -> str:
     """The plain sentence the preview prints about how concentrated the demand is."""
+    # Per parameter, as the ranks are bought: one module's raw share can be large only because the module is wide.
     share = f"the top 10% of modules hold {c.top10_share:.0%} of it"
     if c.spread_evenly:
-        where = (f"The {c.measure} is spread evenly over the modules ({share}): a flat LoRA will likely do as well "
-                 "on this dataset.")
+        where = (f"Per parameter, the {c.measure} is spread evenly over the modules ({share}): a flat LoRA will "
+                 "likely do as well on this dataset.")
     else:
-        where = f"The {c.measure} is concentrated: {share}."
+        where = f"Per parameter, the {c.measure} is concentrated: {share}."
     if c.loss_fall is None:
         return where
     return f"The probe lowered the model's loss on this data by {c.loss_fall:.1%}. {where}"
@@ -90,14 +94,15 @@ def rank_max_sentence(preview: Preview) -> str | None:
 
 
 def build_preview(fmap: FisherMap) -> Preview:
-    """The preview of `fmap` (its module entries carry the score, data rank and weight rank shown)."""
+    """The preview of `fmap`. Its top modules are the ones the signal that set the ranks ranks first: the probe's
+    largest shares of its loss fall for a probe map, else the module entries' Fisher scores."""
     adapted = fmap.rank_pattern
     categories = tuple(
         CategoryCount(c.value, sum(category_of(n) is c for n in adapted),
                       sum(category_of(n) is c for n in fmap.excluded_modules))
         for c in Category
     )
-    entries = sorted(fmap.modules, key=lambda m: (-m.fisher_score, m.name))[:TOP_N]
+    shares = probe_fall_shares(fmap) if fmap.rank_signal == RankSignal.PROBE.value else None
     ranks = sorted(adapted.values())
     median = None
     if ranks:
@@ -107,7 +112,7 @@ def build_preview(fmap: FisherMap) -> Preview:
     return Preview(
         categories=categories,
         rank_histogram=tuple(sorted(Counter(ranks).items())),
-        top=tuple(TopModule(m.name, m.fisher_score, m.data_rank, m.effective_rank, m.assigned_rank) for m in entries),
+        top=_top_by_probe(fmap, shares) if shares else _top_by_fisher(fmap),
         low_confidence=tuple(fmap.low_confidence_modules),
         adapted=len(adapted),
         targetable=len(adapted) + len(fmap.excluded_modules),
@@ -121,12 +126,25 @@ def build_preview(fmap: FisherMap) -> Preview:
         rank_max=fmap.rank_max,
         base_rank=fmap.base_rank,
         flat_budget=fmap.budget_mode == "flat",
+        probe_set_ranks=shares is not None,
     )
 
 
+def _top_by_fisher(fmap: FisherMap) -> tuple[TopModule, ...]:
+    entries = sorted(fmap.modules, key=lambda m: (-m.fisher_score, m.name))[:TOP_N]
+    return tuple(TopModule(m.name, m.fisher_score, m.data_rank, m.effective_rank, m.assigned_rank) for m in entries)
+
+
+def _top_by_probe(fmap: FisherMap, shares: dict[str, float]) -> tuple[TopModule, ...]:
+    """The modules whose probe adapters removed most of the loss: what set the ranks of a probe map."""
+    top = sorted(shares, key=lambda n: (-shares[n], n))[:TOP_N]
+    return tuple(TopModule(n, None, None, None, fmap.rank_pattern.get(n), shares[n]) for n in top)
+
+
 def render_png(fmap: FisherMap, result: AnalysisResult) -> bytes:
-    """Two heatmaps (layers × the 11 projections): log10 Fisher score of every module, and the assigned rank
-    (excluded modules blank). Returns PNG bytes; the caller writes them atomically."""
+    """Two heatmaps (layers × the 11 projections): the signal that set the ranks for every module (the probe's share
+    of its loss fall, or log10 Fisher score), and the assigned rank (excluded modules blank). Returns PNG bytes; the
+    caller writes them atomically."""
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, Agg for PNG
 
@@ -134,16 +152,21 @@ def render_png(fmap: FisherMap, result: AnalysisResult) -> bytes:
     column = {suffix: i for i, suffix in enumerate(PROJECTIONS)}
     scores = np.full((layers, len(PROJECTIONS)), np.nan)
     ranks = np.full((layers, len(PROJECTIONS)), np.nan)
+    shares = probe_fall_shares(fmap) if fmap.rank_signal == RankSignal.PROBE.value else None
     for m in result.modules:
         cell = layer_of(m.name), column[suffix_of(m.name)]
-        scores[cell] = math.log10(m.fisher) if m.fisher > 0 else np.nan
+        if shares is not None:
+            scores[cell] = 100 * max(shares.get(m.name, 0.0), 0.0)  # a share <= 0 bought nothing
+        else:
+            scores[cell] = math.log10(m.fisher) if m.fisher > 0 else np.nan
         if m.name in fmap.rank_pattern:
             ranks[cell] = fmap.rank_pattern[m.name]
     labels = [s.replace("self_attn.", "sa.").replace("cross_attn.", "ca.") for s in PROJECTIONS]
     height = max(3.0, 0.28 * layers + 1.8)
     fig = Figure(figsize=(12, height), layout="constrained")
     axes = fig.subplots(1, 2)
-    panels = ((axes[0], scores, "viridis", "log10 Fisher score"), (axes[1], ranks, "plasma", "assigned rank (blank: excluded)"))
+    signal = "probe: % of its loss fall" if shares is not None else "log10 Fisher score"
+    panels = ((axes[0], scores, "viridis", signal), (axes[1], ranks, "plasma", "assigned rank (blank: excluded)"))
     for ax, data, cmap, title in panels:
         image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, interpolation="nearest")
         ax.set_title(title)

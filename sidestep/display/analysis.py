@@ -29,19 +29,20 @@ def print_preview(preview) -> None:
     for rank, count in preview.rank_histogram:
         histogram.add_row(str(rank), str(count), "█" * max(1, round(24 * count / most)))
     console.print(histogram)
-    top = Table(title=f"Top {len(preview.top)} modules", title_justify="left")
-    for column in ("module", "Fisher score", "data rank", "weight rank", "rank"):
-        top.add_column(column, justify="left" if column == "module" else "right")
-    for m in preview.top:
-        top.add_row(m.name, f"{m.fisher:.3e}", _opt(m.data_rank), _opt(m.weight_rank), str(m.rank))
-    console.print(top)
+    console.print(_top_table(preview))
     console.print(f"Adapted {preview.adapted} of {preview.targetable} modules; median rank {preview.median_rank:g}; "
                   f"trainable parameters {preview.trainable_params:,} vs {preview.flat_equivalent_params:,} for a flat "
                   f"LoRA on every module ({_ratio(preview)}).")
     runs = "; ".join(f"run {r}: {b} batches, ρ {_opt(s, '.3f')}{' (converged)' if c else ''}" for r, b, s, c in preview.runs)
-    console.print(f"Convergence: {runs}; agreement between runs ρ {_opt(preview.cross_run_spearman, '.3f')}.")
+    agreement = f"agreement between runs ρ {_opt(preview.cross_run_spearman, '.3f')}"
     unsettled = [r for r, _b, _s, converged in preview.runs if not converged]
-    if unsettled:
+    if preview.probe_set_ranks:
+        # The Fisher runs fill the map's Fisher scores, need and gradient-init file; the ranks do not depend on them.
+        console.print(f"Fisher runs (the probe set the ranks; these fill the map's Fisher scores, need and --init "
+                      f"gradient file): {runs}; {agreement}.")
+    else:
+        console.print(f"Convergence: {runs}; {agreement}.")
+    if unsettled and not preview.probe_set_ranks:
         which = ", ".join(map(str, unsettled))
         output.warn(f"Run{'s' if len(unsettled) > 1 else ''} {which} of {len(preview.runs)} did not converge: the "
                     "module ranking was still changing when the batches ran out, so this map is less certain. More "
@@ -51,9 +52,26 @@ def print_preview(preview) -> None:
     capped = rank_max_sentence(preview)
     if capped:
         output.warn(capped)
-    if preview.low_confidence:
+    if preview.low_confidence and not preview.probe_set_ranks:  # a Fisher score's spread; it set no rank here
         shown = ", ".join(preview.low_confidence[:8]) + (" …" if len(preview.low_confidence) > 8 else "")
         output.warn(f"{len(preview.low_confidence)} low-confidence module(s) (cross-run std > 50% of the score): {shown}")
+
+
+def _top_table(preview) -> Table:
+    """The top modules by what set the ranks: the probe's share of its loss fall, or the Fisher score."""
+    if preview.probe_set_ranks:
+        table = Table(title=f"Top {len(preview.top)} modules by the probe", title_justify="left")
+        for column in ("module", "share of the probe's loss fall", "rank"):
+            table.add_column(column, justify="left" if column == "module" else "right")
+        for m in preview.top:
+            table.add_row(m.name, f"{m.fall_share:.1%}", _opt(m.rank))
+        return table
+    table = Table(title=f"Top {len(preview.top)} modules by Fisher score", title_justify="left")
+    for column in ("module", "Fisher score", "data rank", "weight rank", "rank"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for m in preview.top:
+        table.add_row(m.name, _opt(m.fisher, ".3e"), _opt(m.data_rank), _opt(m.weight_rank), _opt(m.rank))
+    return table
 
 
 def _opt(value: Any, fmt: str = "") -> str:
