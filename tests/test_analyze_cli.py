@@ -45,7 +45,7 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert "5e-5" in err  # the learning-rate advice
     # The probe set the ranks: the preview's top modules are the probe's, and the Fisher runs (3 batches cannot meet
     # a patience of 5) are reported without calling the map less certain, since its ranks do not depend on them.
-    assert "Top 5 modules by the probe" in err and "Fisher runs (the probe set the ranks" in err
+    assert "Top 5 modules by their share of the probe's loss fall" in err and "Fisher runs (the probe set the ranks" in err
     assert "did not converge" not in err
     # The default signal is the probe: its settings, per-module scores and concentration, in the map, the preview
     # and --json; the need field (per-module noise-free need) is still written beside it.
@@ -84,7 +84,7 @@ def test_need_signal_water_fills_the_flat_budget(monkeypatch, capsys, checkpoint
     assert data["rank_signal"] == "need" and data["budget_mode"] == "flat"
     assert "probe" not in data and json.loads(out)["concentration_measure"] == "need"  # no probe run: need reports
     # the need comes from the Fisher runs' sketches: 3 batches cannot meet a patience of 5, so the map is less certain
-    assert "Top 5 modules by Fisher score" in err and "Runs 1, 2 of 2 did not converge" in err
+    assert "Top 5 modules by their share of the need" in err and "Runs 1, 2 of 2 did not converge" in err
     step = data["rank_step"]
     for name in data["rank_pattern"]:
         assert data["rank_budget"]["min"] <= data["rank_pattern"][name] <= data["rank_budget"]["max"]

@@ -430,13 +430,13 @@ def test_preview_of_a_probe_map_shows_what_set_its_ranks(capsys):
              "per_module": {n: {"loss_share": v, "score": 1e-4} for n, v in shares.items()}}
     probe_map = dataclasses.replace(fisher_map, rank_signal="probe", extra={"probe": probe})
     preview = build_preview(probe_map)
-    assert preview.probe_set_ranks
+    assert preview.probe_set_ranks and preview.ranked_by == "the probe's loss fall"
     assert [m.name for m in preview.top] == [left_out, adapted[1], adapted[0], adapted[2]]
-    assert [m.fall_share for m in preview.top] == pytest.approx([0.6, 0.5, 0.3, -0.1])
+    assert [m.share for m in preview.top] == pytest.approx([0.6, 0.5, 0.3, -0.1])
     assert preview.top[0].rank is None and preview.top[1].rank == fisher_map.rank_pattern[adapted[1]]
     print_preview(preview)
     err = " ".join(capsys.readouterr().err.split())
-    assert "Top 4 modules by the probe" in err and "60.0%" in err
+    assert "Top 4 modules by their share of the probe's loss fall" in err and "60.0%" in err
     assert "Fisher runs (the probe set the ranks" in err and "low-confidence" not in err
 
     # The same field on a map that Fisher sized, or a probe field from before the path attribution (no
@@ -448,3 +448,15 @@ def test_preview_of_a_probe_map_shows_what_set_its_ranks(capsys):
         print_preview(preview)
         err = " ".join(capsys.readouterr().err.split())
         assert "Top 5 modules by Fisher score" in err and "Convergence: run 0" in err and "1 low-confidence" in err
+
+
+def test_a_need_maps_top_modules_are_ranked_by_their_share_of_the_need():
+    from sidestep.analysis.report import build_preview
+
+    fisher_map = v3_map()
+    names = sorted(fisher_map.rank_pattern)[:3]
+    need = {"top10_share": 0.5, "spread_evenly": False,
+            "per_module": {n: {"need": v, "noise": 1.0, "need_per_param": v} for n, v in zip(names, (1.0, 3.0, -2.0))}}
+    preview = build_preview(dataclasses.replace(fisher_map, rank_signal="need", extra={"need": need}))
+    assert preview.ranked_by == "the need" and not preview.probe_set_ranks  # the sketches set it: warnings stay
+    assert [(m.name, m.share) for m in preview.top] == [(names[1], 0.75), (names[0], 0.25), (names[2], 0.0)]

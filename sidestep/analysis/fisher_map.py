@@ -26,7 +26,7 @@ __all__ = [
     "ADVISED_LR", "LR_ADVICE", "MAP_FILENAME", "MAP_VERSION", "Convergence", "FisherMap", "InitRef", "ModuleEntry", "RunConvergence",
     "SampleCoverage", "TimestepParams", "ToolInfo", "from_json_dict", "read_map", "to_json_dict", "write_map",
     "NEED_FIELD", "PROBE_FIELD", "TURBO_MAP_ADVICE", "Concentration", "concentration_summary", "concentrations", "modules_at_rank_max",
-    "probe_fall_shares",
+    "SignalShares", "signal_shares",
 ]  # fmt: skip
 
 MAP_FILENAME = "fisher_map.json"
@@ -605,16 +605,34 @@ def concentrations(fmap: FisherMap) -> dict[str, Concentration]:
     return found
 
 
-def probe_fall_shares(fmap: FisherMap) -> dict[str, float] | None:
-    """Each module's share of the loss the probe removed (they add up to about 1; negative: its adapter raised the
-    loss), from the map's `probe` field; None when the map has no usable one."""
-    raw = fmap.extra.get(PROBE_FIELD)
-    try:
-        fall = float(raw["loss_before"]) - float(raw["loss_probed"])
-        shares = {str(k): float(v["loss_share"]) / fall for k, v in raw["per_module"].items()}
+@dataclass(frozen=True, slots=True)
+class SignalShares:
+    """Each module's share of the measure that set a map's ranks (what the preview ranks its top modules by)."""
+
+    measure: str  # "the probe's loss fall" or "the need"
+    of_module: dict[str, float]  # they add up to about 1; a negative probe share: its adapter raised the loss
+
+
+def signal_shares(fmap: FisherMap) -> SignalShares | None:
+    """The shares of the probe's loss fall (a probe map) or of the need (a need map), from the map's optional
+    field; None for the Fisher-based signals, and for a map whose field is absent or unusable."""
+    try:  # the map stores --rank-signal as text (config imports this module, not the other way round)
+        if fmap.rank_signal == "probe":
+            raw = fmap.extra[PROBE_FIELD]
+            fall = float(raw["loss_before"]) - float(raw["loss_probed"])
+            shares = {str(k): float(v["loss_share"]) / fall for k, v in raw["per_module"].items()}
+            return _usable(SignalShares("the probe's loss fall", shares), fall)
+        if fmap.rank_signal == "need":
+            need = {str(k): max(float(v["need"]), 0.0) for k, v in fmap.extra[NEED_FIELD]["per_module"].items()}
+            total = sum(need.values())
+            return _usable(SignalShares("the need", {k: v / total for k, v in need.items()}), total)
     except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError):
-        return None
-    return shares if fall > 0 and all(map(math.isfinite, shares.values())) else None
+        pass  # an old probe field (loss_rise, no loss_share) or a malformed one: rank by Fisher score instead
+    return None
+
+
+def _usable(shares: SignalShares, total: float) -> SignalShares | None:
+    return shares if total > 0 and all(map(math.isfinite, shares.of_module.values())) else None
 
 
 def _relative_fall(raw: dict) -> float | None:

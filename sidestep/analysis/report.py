@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from sidestep.analysis.config import FLAT_HEADROOM, RankSignal
 from sidestep.analysis.engine import AnalysisResult
-from sidestep.analysis.fisher_map import (Concentration, FisherMap, concentration_summary, modules_at_rank_max,
-                                          probe_fall_shares)
+from sidestep.analysis.fisher_map import (Concentration, FisherMap, SignalShares, concentration_summary,
+                                          modules_at_rank_max, signal_shares)
 from sidestep.analysis.modules import PROJECTIONS, Category, category_of, layer_of, suffix_of
 
 __all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "rank_max_sentence", "render_png"]
@@ -33,11 +33,11 @@ class CategoryCount:
 @dataclass(frozen=True, slots=True)
 class TopModule:
     name: str
-    fisher: float | None  # None in a probe map's top modules (ranked by their share of the probe's fall)
+    fisher: float | None  # None in the top modules of a probe or need map (ranked by their share of it)
     data_rank: int | None
     weight_rank: int | None
     rank: int | None  # None: not adapted
-    fall_share: float | None = None  # its share of the probe's loss fall, when the probe set the ranks
+    share: float | None = None  # its share of the probe's loss fall or of the need, when that set the ranks
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Preview:
     rank_max: int | None = None
     base_rank: int | None = None
     flat_budget: bool = False
+    ranked_by: str = "Fisher score"  # what the top modules are ranked by: "Fisher score" or a SignalShares.measure
     probe_set_ranks: bool = False  # the ranks come from the probe; the Fisher runs only fill the map's other fields
 
 
@@ -94,15 +95,15 @@ def rank_max_sentence(preview: Preview) -> str | None:
 
 
 def build_preview(fmap: FisherMap) -> Preview:
-    """The preview of `fmap`. Its top modules are the ones the signal that set the ranks ranks first: the probe's
-    largest shares of its loss fall for a probe map, else the module entries' Fisher scores."""
+    """The preview of `fmap`. Its top modules are ranked by what set the ranks: their shares of the probe's loss fall
+    (a probe map) or of the need (a need map), else the module entries' Fisher scores."""
     adapted = fmap.rank_pattern
     categories = tuple(
         CategoryCount(c.value, sum(category_of(n) is c for n in adapted),
                       sum(category_of(n) is c for n in fmap.excluded_modules))
         for c in Category
     )
-    shares = probe_fall_shares(fmap) if fmap.rank_signal == RankSignal.PROBE.value else None
+    shares = signal_shares(fmap)
     ranks = sorted(adapted.values())
     median = None
     if ranks:
@@ -112,7 +113,7 @@ def build_preview(fmap: FisherMap) -> Preview:
     return Preview(
         categories=categories,
         rank_histogram=tuple(sorted(Counter(ranks).items())),
-        top=_top_by_probe(fmap, shares) if shares else _top_by_fisher(fmap),
+        top=_top_by_share(fmap, shares) if shares else _top_by_fisher(fmap),
         low_confidence=tuple(fmap.low_confidence_modules),
         adapted=len(adapted),
         targetable=len(adapted) + len(fmap.excluded_modules),
@@ -126,7 +127,8 @@ def build_preview(fmap: FisherMap) -> Preview:
         rank_max=fmap.rank_max,
         base_rank=fmap.base_rank,
         flat_budget=fmap.budget_mode == "flat",
-        probe_set_ranks=shares is not None,
+        ranked_by=shares.measure if shares else "Fisher score",
+        probe_set_ranks=shares is not None and fmap.rank_signal == RankSignal.PROBE.value,
     )
 
 
@@ -135,15 +137,16 @@ def _top_by_fisher(fmap: FisherMap) -> tuple[TopModule, ...]:
     return tuple(TopModule(m.name, m.fisher_score, m.data_rank, m.effective_rank, m.assigned_rank) for m in entries)
 
 
-def _top_by_probe(fmap: FisherMap, shares: dict[str, float]) -> tuple[TopModule, ...]:
-    """The modules whose probe adapters removed most of the loss: what set the ranks of a probe map."""
-    top = sorted(shares, key=lambda n: (-shares[n], n))[:TOP_N]
-    return tuple(TopModule(n, None, None, None, fmap.rank_pattern.get(n), shares[n]) for n in top)
+def _top_by_share(fmap: FisherMap, shares: SignalShares) -> tuple[TopModule, ...]:
+    """The modules holding most of what set the ranks (the probe's loss fall, or the need)."""
+    of = shares.of_module
+    return tuple(TopModule(n, None, None, None, fmap.rank_pattern.get(n), of[n])
+                 for n in sorted(of, key=lambda n: (-of[n], n))[:TOP_N])
 
 
 def render_png(fmap: FisherMap, result: AnalysisResult) -> bytes:
-    """Two heatmaps (layers × the 11 projections): the signal that set the ranks for every module (the probe's share
-    of its loss fall, or log10 Fisher score), and the assigned rank (excluded modules blank). Returns PNG bytes; the
+    """Two heatmaps (layers × the 11 projections): what set the ranks, for every module (its share of the probe's
+    loss fall or of the need, else log10 Fisher score), and the assigned rank (excluded modules blank). Returns PNG bytes; the
     caller writes them atomically."""
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend, Agg for PNG
@@ -152,11 +155,11 @@ def render_png(fmap: FisherMap, result: AnalysisResult) -> bytes:
     column = {suffix: i for i, suffix in enumerate(PROJECTIONS)}
     scores = np.full((layers, len(PROJECTIONS)), np.nan)
     ranks = np.full((layers, len(PROJECTIONS)), np.nan)
-    shares = probe_fall_shares(fmap) if fmap.rank_signal == RankSignal.PROBE.value else None
+    shares = signal_shares(fmap)
     for m in result.modules:
         cell = layer_of(m.name), column[suffix_of(m.name)]
         if shares is not None:
-            scores[cell] = 100 * max(shares.get(m.name, 0.0), 0.0)  # a share <= 0 bought nothing
+            scores[cell] = 100 * max(shares.of_module.get(m.name, 0.0), 0.0)  # a share <= 0 bought nothing
         else:
             scores[cell] = math.log10(m.fisher) if m.fisher > 0 else np.nan
         if m.name in fmap.rank_pattern:
@@ -165,7 +168,7 @@ def render_png(fmap: FisherMap, result: AnalysisResult) -> bytes:
     height = max(3.0, 0.28 * layers + 1.8)
     fig = Figure(figsize=(12, height), layout="constrained")
     axes = fig.subplots(1, 2)
-    signal = "probe: % of its loss fall" if shares is not None else "log10 Fisher score"
+    signal = f"% of {shares.measure}" if shares is not None else "log10 Fisher score"
     panels = ((axes[0], scores, "viridis", signal), (axes[1], ranks, "plasma", "assigned rank (blank: excluded)"))
     for ax, data, cmap, title in panels:
         image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, interpolation="nearest")

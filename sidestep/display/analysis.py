@@ -58,13 +58,13 @@ def print_preview(preview) -> None:
 
 
 def _top_table(preview) -> Table:
-    """The top modules by what set the ranks: the probe's share of its loss fall, or the Fisher score."""
-    if preview.probe_set_ranks:
-        table = Table(title=f"Top {len(preview.top)} modules by the probe", title_justify="left")
-        for column in ("module", "share of the probe's loss fall", "rank"):
+    """The top modules by what set the ranks: their share of the probe's loss fall or of the need, or Fisher score."""
+    if preview.ranked_by != "Fisher score":
+        table = Table(title=f"Top {len(preview.top)} modules by their share of {preview.ranked_by}", title_justify="left")
+        for column in ("module", "share", "rank"):
             table.add_column(column, justify="left" if column == "module" else "right")
         for m in preview.top:
-            table.add_row(m.name, f"{m.fall_share:.1%}", _opt(m.rank))
+            table.add_row(m.name, f"{m.share:.1%}", _opt(m.rank))
         return table
     table = Table(title=f"Top {len(preview.top)} modules by Fisher score", title_justify="left")
     for column in ("module", "Fisher score", "data rank", "weight rank", "rank"):
