@@ -60,6 +60,11 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     # how much the data asks at all: the share of the loss the probe removed, from the losses the map records
     fall = (probe["loss_before"] - probe["loss_probed"]) / probe["loss_before"]
     assert 0 < fall < 1 and summary["probe_loss_fall"] == pytest.approx(fall)
+    # --json lists the preview's top modules: the largest shares of the probe's fall, as the preview ranks them
+    assert summary["top_modules_by"] == "the probe's loss fall" and len(summary["top_modules"]) == 5
+    shares = [m["share"] for m in summary["top_modules"]]
+    largest = max(v["loss_share"] for v in probe["per_module"].values())
+    assert shares == sorted(shares, reverse=True) and shares[0] == pytest.approx(largest / (fall * probe["loss_before"]))
     at_cap = sum(r == data["rank_budget"]["max"] for r in data["rank_pattern"].values())
     assert summary["modules_at_rank_max"] == at_cap
     assert f"The probe lowered the model's loss on this data by {fall:.1%}." in err

@@ -179,9 +179,12 @@ def _confirm(yes: bool, before: Callable[[], None]) -> Callable[[Any], bool]:
 
 def summary_json(outcome) -> dict[str, Any]:
     """The machine-readable summary printed by --json."""
+    from sidestep.analysis.report import build_preview
+
     fmap = outcome.map
     ranks = sorted(fmap.rank_pattern.values())
     demand = concentration_summary(fmap)
+    preview = build_preview(fmap)
     return {
         "saved": outcome.saved,
         "path": str(outcome.path) if outcome.path else None,
@@ -204,6 +207,8 @@ def summary_json(outcome) -> dict[str, Any]:
         "top10_share": demand.top10_share if demand else None,
         "spread_evenly": demand.spread_evenly if demand else None,
         "probe_loss_fall": demand.loss_fall if demand else None,
+        "top_modules_by": preview.ranked_by,  # what the top modules are ranked by: what set the ranks
+        "top_modules": [{"name": m.name, "share": m.share, "fisher_score": m.fisher, "rank": m.rank} for m in preview.top],
         "warnings": list(outcome.warnings),
         "skipped": list(outcome.skipped),
         "seconds": round(outcome.result.seconds, 3),
