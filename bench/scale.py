@@ -1,14 +1,21 @@
-"""Benchmark: data-parallel training throughput, 1 vs N processes, and the all-reduce share of a step.
+"""Benchmark: data-parallel training throughput and the analysis probe's time, 1 vs N processes.
 
-Each arm launches its processes the way torchrun does (RANK / WORLD_SIZE / MASTER_* in the environment) and
+`--job train` (the default): each arm launches its processes the way torchrun does (RANK / WORLD_SIZE / MASTER_* in the environment) and
 runs sidestep's training step on a tiny real-architecture DiT with a flat LoRA: per process `--batch`
 synthetic samples per step, forward/backward of the flow-matching loss, `distributed.average_gradients`
 (the one all-reduce, timed on its own), clipping and AdamW. Samples/s counts all processes.
 
-On a CPU-only machine the processes share the same cores, so this measures the overhead of the extra process
-and of gloo's all-reduce, not a speedup; on N GPUs (`--device cuda`) it measures the real scaling.
+`--job probe`: the `--rank-signal probe` phase of `sidestep analyze` (`sidestep.analysis.probe.measure_probe`:
+`--steps` training steps of 4 samples, then the attribution passes) on a tiny real-architecture checkpoint and
+dataset written to a temporary folder, timed whole after a short warm-up probe. The processes split its
+samples and passes, so the speedup is its wall time on one process over that on N.
 
-    .venv/bin/python bench/scale.py                    # CPU, 1 vs 2 processes (~1 min)
+On a CPU-only machine the processes share the same cores: with `--threads 1` and N ≤ cores this shows how
+much of the work is split; with more processes than cores it measures only the overhead. On N GPUs
+(`--device cuda`) it measures the real scaling.
+
+    .venv/bin/python bench/scale.py                    # CPU, training, 1 vs 2 processes (~1 min)
+    .venv/bin/python bench/scale.py --job probe        # CPU, the analysis probe, 1 vs 2 processes (~1 min)
     .venv/bin/python bench/scale.py --device cuda --processes 1 2 4 --layers 8 --hidden 512
 """
 
@@ -21,13 +28,16 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--job", choices=("train", "probe"), default="train", help="What to time (see above).")
     p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process).")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="Process counts to compare.")
     p.add_argument("--layers", type=int, default=4)
@@ -35,9 +45,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=128, help="Latent frames per sample.")
     p.add_argument("--batch", type=int, default=1, help="Samples per process per step.")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on every targetable module.")
-    p.add_argument("--steps", type=int, default=20, help="Timed steps (after 3 warm-up steps).")
+    p.add_argument("--steps", type=int, default=20, help="Timed steps (train: after 3 warm-up steps; probe: the "
+                   "probe's training steps).")
+    p.add_argument("--samples", type=int, default=8, help="probe: songs in the generated dataset.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (1: no oversubscription).")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)  # probe: the checkpoint and dataset
     return p.parse_args(argv)
 
 
@@ -45,7 +58,7 @@ def _worker(args: argparse.Namespace) -> None:
     from sidestep import distributed
     from sidestep.analysis.modules import targetable_modules
     from sidestep.data import Batch
-    from sidestep.models.device import resolve_runtime
+    from sidestep.models.device import on_this_process, resolve_runtime
     from sidestep.objective import flow_matching_loss, noise_like
     from sidestep.testing.tiny import build_tiny_transformer, tiny_config
     from sidestep.training.adapters import AdapterPlan, attach_adapter
@@ -53,7 +66,7 @@ def _worker(args: argparse.Namespace) -> None:
     from sidestep.training.loop import build_optimization
 
     with distributed.session() as dist:
-        runtime = dist.place(resolve_runtime(args.device, None, False))
+        runtime = on_this_process(resolve_runtime(args.device, None, False))
         cfg = tiny_config(args.layers, args.hidden)
         with torch.device(runtime.device):
             model = build_tiny_transformer(cfg, seed=0).to(runtime.dtype).requires_grad_(False)
@@ -63,7 +76,7 @@ def _worker(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         trainable = attach_adapter(model, plan)
         params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
-        opt = build_optimization(params, TrainConfig("d", "o", warmup_steps=0), 10_000, runtime)
+        opt = build_optimization(params, TrainConfig("d", "o", lr=1e-4, warmup_steps=0), 10_000, runtime)
         gen = torch.Generator().manual_seed(1 + dist.rank)
         b, f = args.batch, args.frames
         batch = Batch(["x"] * b, torch.randn(b, f, 64, generator=gen), torch.ones(b, f),
@@ -99,6 +112,43 @@ def _worker(args: argparse.Namespace) -> None:
                               "device": str(runtime.device)}))
 
 
+def _probe_worker(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from sidestep import distributed
+    from sidestep.analysis.modules import targetable_modules
+    from sidestep.analysis.probe import ProbeSettings, measure_probe
+    from sidestep.data import DatasetSpec, scan_dataset
+    from sidestep.models import find_model, load_model
+    from sidestep.models.device import on_this_process, resolve_runtime
+
+    with distributed.session() as dist:
+        runtime = on_this_process(resolve_runtime(args.device, None, False))
+        loaded = load_model(find_model(args.root / "checkpoints", "base"), runtime)
+        spec = DatasetSpec.from_model_config(loaded.entry.config)
+        files = list(scan_dataset(args.root / "dataset", spec).files)
+        names = targetable_modules(loaded.num_layers)
+        settings = ProbeSettings(steps=args.steps, rank=8, lr=1e-2)
+        measure_probe(loaded, names, files, spec, replace(settings, steps=1, eval_samples=1, points=1), seed=0)
+        _sync(runtime.device)
+        start = time.perf_counter()
+        result = measure_probe(loaded, names, files, spec, settings, seed=0)
+        _sync(runtime.device)
+        seconds = time.perf_counter() - start
+        if dist.is_main:
+            print(json.dumps({"processes": dist.world_size, "probe_s": round(seconds, 3),
+                              "loss_fall": round((result.loss_before - result.loss_probed) / result.loss_before, 6),
+                              "device": str(runtime.device)}))
+
+
+def _write_probe_inputs(root: Path, args: argparse.Namespace) -> None:
+    from sidestep.testing.tiny import tiny_config, write_dataset, write_original_checkpoint
+
+    write_original_checkpoint(root / "checkpoints", tiny_config(args.layers, args.hidden), seed=0)
+    write_dataset(root / "dataset", count=args.samples, encoder_width=args.hidden, seed=0,
+                  lengths=(args.frames // 2, args.frames), encoder_length=32)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,24 +173,37 @@ def _launch(argv: list[str], world: int) -> dict:
     return json.loads(outputs[0][0].strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = _args(argv)
     if args.worker:
-        _worker(args)
-        return
-    results = [_launch(argv, world) for world in args.processes]
-    base = results[0]["samples_per_s"]
-    for r in results:
-        r["speedup"] = round(r["samples_per_s"] / base, 3)
-    note = (f"CPU only, {args.threads} thread(s) per process on {os.cpu_count()} shared cores: this measures the "
-            "overhead of data parallelism (extra process, gloo all-reduce, waiting for the slower process), not "
-            "the speedup of N GPUs." if args.device == "cpu" else
-            "One GPU per process; speedup is samples/s relative to the first process count.")
-    print(json.dumps({"benchmark": "scale", "cpu_cores": os.cpu_count(), "platform": platform.platform(),
-                      "torch": torch.__version__, "model": {"layers": args.layers, "hidden": args.hidden,
-                      "frames": args.frames, "lora_rank": args.rank}, "batch_per_process": args.batch,
-                      "steps": args.steps, "note": note, "results": results}, indent=2))
+        (_probe_worker if args.job == "probe" else _worker)(args)
+        return {}
+    if args.job == "probe":
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_probe_inputs(Path(tmp), args)
+            results = [_launch([*argv, "--root", tmp], world) for world in args.processes]
+        for r in results:
+            r["speedup"] = round(results[0]["probe_s"] / r["probe_s"], 3)
+    else:
+        results = [_launch(argv, world) for world in args.processes]
+        for r in results:
+            r["speedup"] = round(r["samples_per_s"] / results[0]["samples_per_s"], 3)
+    note = (f"CPU only, {args.threads} thread(s) per process on {os.cpu_count()} shared cores: with no more "
+            "processes than free cores this shows how much of the work is split; beyond that only the overhead "
+            "of data parallelism (extra process, gloo all-reduce, waiting for the slower process)."
+            if args.device == "cpu" else "One GPU per process; speedup relative to the first process count.")
+    summary = {"benchmark": "scale", "job": args.job, "cpu_cores": os.cpu_count(), "platform": platform.platform(),
+               "torch": torch.__version__, "model": {"layers": args.layers, "hidden": args.hidden,
+               "frames": args.frames}, **_job_settings(args), "note": note, "results": results}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _job_settings(args: argparse.Namespace) -> dict:
+    if args.job == "probe":
+        return {"probe": {"steps": args.steps, "rank": 8, "samples_per_step": 4, "songs": args.samples}}
+    return {"lora_rank": args.rank, "batch_per_process": args.batch, "steps": args.steps}
 
 
 if __name__ == "__main__":

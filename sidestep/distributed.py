@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistContext", "DistributedError", "PeerFailed", "all_gather_objects",
            "all_gather_tensor", "all_reduce_sum", "average_gradients", "barrier", "broadcast_object",
            "broadcast_tensors", "context_from_env", "current", "gather_objects", "init_distributed", "run_on_main",
-           "session", "shard", "shutdown"]
+           "session", "shard", "shutdown", "sum_gradients"]
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "SIDESTEP_DIST_TIMEOUT"
@@ -302,6 +302,16 @@ def average_gradients(params: Sequence["torch.Tensor"], *scalars: float) -> tupl
 
     Equals DDP's gradient averaging; a missing gradient counts as zeros. Returns the averaged scalars.
     """
+    return _reduce_gradients(params, scalars, average=True)
+
+
+def sum_gradients(params: Sequence["torch.Tensor"]) -> None:
+    """Sum the gradients of `params` over the processes in one all-reduce (each process computed a disjoint share
+    of one batch's terms); a missing gradient counts as zeros."""
+    _reduce_gradients(params, (), average=False)
+
+
+def _reduce_gradients(params: Sequence["torch.Tensor"], scalars: Sequence[float], average: bool) -> tuple[float, ...]:
     if not _CURRENT.is_distributed:
         return tuple(scalars)
     import torch
@@ -314,7 +324,9 @@ def average_gradients(params: Sequence["torch.Tensor"], *scalars: float) -> tupl
     device = grads[0].device if grads else torch.device("cpu")
     extra = torch.tensor(scalars, dtype=torch.float32, device=device)
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra])
-    all_reduce_sum(flat).div_(_CURRENT.world_size)
+    all_reduce_sum(flat)
+    if average:
+        flat.div_(_CURRENT.world_size)
     _unflatten(flat, grads)
     return tuple(float(x) for x in flat[flat.numel() - len(scalars):].tolist())
 

@@ -190,7 +190,7 @@ def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
     assert got.extra["need"]["top10_share"] == pytest.approx(one.extra["need"]["top10_share"], rel=1e-4)
     for name, entry in one.extra["need"]["per_module"].items():
         assert got.extra["need"]["per_module"][name]["need"] == pytest.approx(entry["need"], rel=1e-3, abs=1e-12)
-    # the default map is sized by the probe, which every process computes whole (same seed, same answer)
+    # the default map is sized by the probe, whose work the processes share (same seed, same answer)
     assert got.rank_signal == "probe"
     for name, entry in one.extra["probe"]["per_module"].items():  # equal up to float summation order
         assert got.extra["probe"]["per_module"][name]["score"] == pytest.approx(entry["score"], rel=1e-3, abs=1e-9)
@@ -198,6 +198,53 @@ def test_analyze_two_processes_write_the_one_process_map(tiny, tmp_path):
     for m in one.modules:
         assert ours[m.name].fisher_score == pytest.approx(m.fisher_score, rel=1e-5)
         assert ours[m.name].data_rank == m.data_rank
+
+
+PROBE_WORKER = """
+import json, sys
+from pathlib import Path
+from sidestep import distributed
+from sidestep.analysis.modules import targetable_modules
+from sidestep.analysis.probe import ProbeSettings, measure_probe
+from sidestep.data import DatasetSpec, scan_dataset
+from sidestep.models import find_model, load_model, resolve_runtime
+with distributed.session() as ctx:
+    loaded = load_model(find_model(Path(sys.argv[1]), "base"), resolve_runtime("cpu", "fp32", False))
+    passes = []
+    loaded.transformer.register_forward_pre_hook(lambda *_: passes.append(1))
+    spec = DatasetSpec.from_model_config(loaded.entry.config)
+    files = list(scan_dataset(Path(sys.argv[2]), spec).files)
+    result = measure_probe(loaded, targetable_modules(loaded.num_layers), files, spec,
+                           ProbeSettings(steps=4, rank=4, lr=1e-2), seed=5)
+    print(json.dumps({"rank": ctx.rank, "passes": len(passes), "share": result.share,
+                      "before": result.loss_before, "probed": result.loss_probed}))
+"""
+
+
+def test_the_probe_is_split_between_the_processes_and_gives_the_one_process_result(tiny, tmp_path):
+    choice, dataset, site = tiny
+    script = tmp_path / "probe_worker.py"
+    script.write_text(PROBE_WORKER)
+    args = [str(script), str(choice.checkpoint_dir), str(dataset)]
+    env = _env(site, tmp_path / "unwatched", tmp_path / "events.txt", 60)
+    one = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    reference = json.loads(one.stdout.strip().splitlines()[-1])
+    two = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *args], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    results = sorted((json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    # each process ran half of the probe's forward passes (training samples, evaluation, attribution), and
+    # together all of them: the work is dealt out, not repeated
+    assert [r["passes"] for r in results] == [reference["passes"] // 2] * 2, (reference["passes"], results)
+    for got in results:  # the same answer on every process, equal to one process's up to summation order
+        assert got["before"] == pytest.approx(reference["before"], rel=1e-6)
+        assert got["probed"] == pytest.approx(reference["probed"], rel=1e-4)
+        for name, share in reference["share"].items():
+            assert got["share"][name] == pytest.approx(share, rel=1e-3, abs=1e-9), name
+    assert results[0]["share"] == results[1]["share"]
 
 
 # ---- preprocess -------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ A module's score is its share per (in + out), the parameter cost of one rank ste
 How long to probe is a trade measured on the planted benchmark (docs/data-awareness.md): the default, 40 steps,
 is the one whose maps gained most. A probe whose loss did not fall below the base model's is retried once at a
 tenth of the learning rate, so a default rate that diverges on a larger model cannot silently produce noise.
+
+Under torchrun every process draws the same samples, timesteps and noise from the same seeded generator, but
+computes only its round-robin share of each step's samples and of the evaluation passes; one all-reduce per
+step (the adapters' gradients) and one per measurement add the shares up. So N processes probe about N times
+faster and every process ends with the one-process result, up to float summation order.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from sidestep import distributed
 from sidestep.analysis.modules import module_shapes
 from sidestep.data import DatasetSpec, collate, load_sample
 from sidestep.data.dataset import Sample
@@ -83,10 +89,21 @@ class _ProbeAdapter:
         self.strength = torch.full((), value, device=self.a.device, requires_grad=requires_grad)
 
 
+def _mine(index: int) -> bool:
+    """Whether this process computes work item `index`: items are dealt round-robin over the processes."""
+    ctx = distributed.current()
+    return index % ctx.world_size == ctx.rank
+
+
+def _summed(values: list[float], device: torch.device) -> list[float]:
+    """Each value added up over the processes (one all-reduce; a no-op with one process)."""
+    return distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
 def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec: DatasetSpec, settings: ProbeSettings,
                   seed: int, should_stop: Callable[[], bool] | None = None,
                   on_progress: Callable[[int, int], None] | None = None) -> ProbeResult:
-    """Train the probe, then attribute its loss fall to the modules. Every process computes the same result.
+    """Train the probe, then attribute its loss fall to the modules. Every process ends with the same result.
 
     `on_progress(done, total)` counts training steps and then attribution passes (points × evaluation inputs).
     Raises ConfigError when the probe cannot lower the loss even at the retry's lower learning rate.
@@ -163,11 +180,16 @@ def _train(model, adapters, sample, count: int, settings: ProbeSettings, loaded:
             raise Interrupted("Analysis interrupted; nothing was written.")
         report(step)
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(settings.batch):
-            batch = collate([sample(int(torch.randint(count, (1,), generator=g)))]).to(runtime.device, runtime.dtype)
+        for j in range(settings.batch):
+            batch = collate([sample(int(torch.randint(count, (1,), generator=g)))])
             t = sampler.sample(1, g)
-            loss = flow_matching_loss(model, batch, t, noise_like(batch.target_latents, g))
-            (loss / settings.batch).backward()
+            # every process draws (float32 on the CPU, as noise_like always does), to keep the generators in step
+            noise = noise_like(batch.target_latents.float(), g)
+            if _mine(j):
+                batch = batch.to(runtime.device, runtime.dtype)
+                loss = flow_matching_loss(model, batch, t, noise.to(runtime.device, runtime.dtype))
+                (loss / settings.batch).backward()
+        distributed.sum_gradients(params)
         optimizer.step()
 
 
@@ -183,19 +205,25 @@ def _path_shares(adapters: dict[str, _ProbeAdapter], model, eval_set: list[_Eval
     for k in range(points):
         for adapter in adapters.values():
             adapter.set_strength((k + 0.5) / points, requires_grad=True)
+        index = 0  # of the draw, over the whole evaluation set: what is dealt out to the processes
         for done, item in enumerate(eval_set, start=k * len(eval_set) + 1):
             if should_stop is not None and should_stop():
                 raise Interrupted("Analysis interrupted; nothing was written.")
             batch = collate([item.sample]).to(runtime.device, runtime.dtype)
             for j in range(len(item.t)):
-                noise = item.noise[j : j + 1].to(runtime.device, runtime.dtype)
-                (flow_matching_loss(model, batch, item.t[j : j + 1], noise) / draws).backward()
+                if _mine(index):
+                    noise = item.noise[j : j + 1].to(runtime.device, runtime.dtype)
+                    (flow_matching_loss(model, batch, item.t[j : j + 1], noise) / draws).backward()
+                index += 1
             report(done)
         for name, adapter in adapters.items():
-            slope[name] += float(adapter.strength.grad) / points
+            if adapter.strength.grad is not None:  # None: this process had no draw at this point
+                slope[name] += float(adapter.strength.grad) / points
     for adapter in adapters.values():
         adapter.set_strength(1.0)
-    return {name: -value for name, value in slope.items()}  # dL/ds < 0: the module's adapter lowers the loss
+    device = next(iter(adapters.values())).a.device
+    total = _summed(list(slope.values()), device)
+    return {name: -value for name, value in zip(slope, total)}  # dL/ds < 0: the module's adapter lowers the loss
 
 
 @dataclass(frozen=True)
@@ -220,9 +248,11 @@ def _eval_inputs(sample, count: int, settings: ProbeSettings, loaded: LoadedMode
 
 
 def _eval_loss(model, items: list[_EvalItem], runtime) -> float:
+    """Mean loss over the evaluation inputs, each process computing its round-robin share of the samples."""
     total = 0.0
-    for item in items:
-        batch = collate([item.sample] * len(item.t)).to(runtime.device, runtime.dtype)
-        noise = item.noise.to(runtime.device, runtime.dtype)
-        total += float(flow_matching_loss(model, batch, item.t, noise))
-    return total / len(items)
+    for index, item in enumerate(items):
+        if _mine(index):
+            batch = collate([item.sample] * len(item.t)).to(runtime.device, runtime.dtype)
+            noise = item.noise.to(runtime.device, runtime.dtype)
+            total += float(flow_matching_loss(model, batch, item.t, noise))
+    return _summed([total], runtime.device)[0] / len(items)
