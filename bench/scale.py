@@ -15,7 +15,7 @@ much of the work is split; with more processes than cores it measures only the o
 (`--device cuda`) it measures the real scaling.
 
     .venv/bin/python bench/scale.py                    # CPU, training, 1 vs 2 processes (~1 min)
-    .venv/bin/python bench/scale.py --job probe        # CPU, the analysis probe, 1 vs 2 processes (~1 min)
+    .venv/bin/python bench/scale.py --job probe        # CPU, the 40-step analysis probe, 1 vs 2 processes (~1 min)
     .venv/bin/python bench/scale.py --device cuda --processes 1 2 4 --layers 8 --hidden 512
 """
 
@@ -45,13 +45,16 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=128, help="Latent frames per sample.")
     p.add_argument("--batch", type=int, default=1, help="Samples per process per step.")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on every targetable module.")
-    p.add_argument("--steps", type=int, default=20, help="Timed steps (train: after 3 warm-up steps; probe: the "
-                   "probe's training steps).")
+    p.add_argument("--steps", type=int, default=None, help="Timed steps (train: after 3 warm-up steps, default 20; "
+                   "probe: the probe's training steps, default 40 as in `sidestep analyze`).")
     p.add_argument("--samples", type=int, default=8, help="probe: songs in the generated dataset.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (1: no oversubscription).")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)  # probe: the checkpoint and dataset
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 40 if args.job == "probe" else 20
+    return args
 
 
 def _worker(args: argparse.Namespace) -> None:
