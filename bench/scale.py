@@ -1,9 +1,11 @@
 """Benchmark: data-parallel training throughput and the analysis probe's time, 1 vs N processes.
 
-`--job train` (the default): each arm launches its processes the way torchrun does (RANK / WORLD_SIZE / MASTER_* in the environment) and
-runs sidestep's training step on a tiny real-architecture DiT with a flat LoRA: per process `--batch`
-synthetic samples per step, forward/backward of the flow-matching loss, `distributed.average_gradients`
-(the one all-reduce, timed on its own), clipping and AdamW. Samples/s counts all processes.
+Each arm launches its processes the way torchrun does (RANK / WORLD_SIZE / MASTER_* in the environment).
+
+`--job train` (the default) runs sidestep's training step on a tiny real-architecture DiT with a flat LoRA:
+per process `--batch` synthetic samples per step, forward/backward of the flow-matching loss,
+`distributed.average_gradients` (the one all-reduce, timed on its own), clipping and AdamW. Samples/s counts
+all processes.
 
 `--job probe`: the `--rank-signal probe` phase of `sidestep analyze` (`sidestep.analysis.probe.measure_probe`:
 `--steps` training steps of 4 samples, then the attribution passes) on a tiny real-architecture checkpoint and
