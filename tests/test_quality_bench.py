@@ -37,6 +37,10 @@ def test_quick_run_has_every_arm_matched_budgets_and_finite_metrics(tmp_path):
         assert abs(rec["params"] / flat["params"] - 1) <= 0.01, (rec["arm"], rec["params"], flat["params"])
         for key in ("test_loss", "val_loss", "forgetting", "adaptation", "base_loss_after", "train_seconds"):
             assert math.isfinite(rec[key]), (rec["arm"], key)
+    # (4h) is map (4) at flat LoRA's chosen rate, halved as `sidestep train` halves its default with a map
+    product, mapped = (next(r for r in records if r["arm"] == key) for key in ("map_flat_product_lr", "map_flat"))
+    assert [s["lr"] for s in product["lr_sweep"]] == [flat["best_lr"] * 0.5]
+    assert product["modules"] == mapped["modules"] and product["params"] == mapped["params"]
     assert summary["max_param_mismatch_vs_flat"] <= 0.01
     assert all(math.isfinite(c["mean"]) for c in summary["comparisons"])
     assert len(summary["verdicts"]) == len(summary["comparisons"])

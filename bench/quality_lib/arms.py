@@ -1,7 +1,8 @@
 """The benchmark's arms: which modules each adapts, at what rank and alpha, at a parameter budget matched to flat.
 
 Numbering follows issue 10: (1) flat, (2) reference rule, (3) our map / median mode, (4) our map / flat budget,
-(5) random permutation of (4), (6) flat + gradient init, (7) map + gradient init, (8) rsLoRA versions of (1), (4).
+(5) random permutation of (4), (6) flat + gradient init, (7) map + gradient init, (8) rsLoRA versions of (1), (4);
+(4h) is map (4) trained as `sidestep train` trains a map by default: at the flat rate scaled by MAP_LR_RATIO.
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from sidestep.analysis.config import FLAT_HEADROOM
+from sidestep.analysis.fisher_map import ADVISED_LR
 from sidestep.analysis.modules import ModuleShape
+from sidestep.training.config import DEFAULT_LR
 
 from .allocation import match_budget, params_of, permuted, reference_ranks
 
-ARM_ORDER = ("flat", "reference", "map_median", "map_flat", "control", "flat_grad", "map_grad", "flat_rslora",
-             "map_flat_rslora")
+ARM_ORDER = ("flat", "reference", "map_median", "map_flat", "map_flat_product_lr", "control", "flat_grad", "map_grad",
+             "flat_rslora", "map_flat_rslora")
+# `sidestep train` without --lr trains a map at ADVISED_LR instead of DEFAULT_LR; arm (4h) applies the same ratio
+# to the rate flat LoRA chose on validation, as a user who tuned flat LoRA and then switched to a map would get
+MAP_LR_RATIO = float(ADVISED_LR) / DEFAULT_LR
 ARM_LABELS = {
     "flat": "(1) flat LoRA, all targets",
     "reference": "(2) reference rule (Side-Step)",
     "map_median": "(3) our map, median mode",
     "map_flat": "(4) our map, --budget flat",
+    "map_flat_product_lr": "(4h) map (4) at flat's best LR × 0.5 (train's default with a map)",
     "control": "(5) control: permuted (4)",
     "flat_grad": "(6) flat + gradient init",
     "map_grad": "(7) map (4) + gradient init",

@@ -10,7 +10,8 @@ from .stats import mean_std, paired, verdict
 METRICS = ("test_loss", "forgetting")
 # Beyond "every arm vs flat": does the signal beat its own permutation, and the reference rule?
 EXTRA_PAIRS = (("map_flat", "control"), ("map_median", "control"), ("map_flat", "reference"),
-               ("map_flat_rslora", "map_flat"), ("flat_rslora", "flat"), ("map_grad", "map_flat"))
+               ("map_flat_rslora", "map_flat"), ("flat_rslora", "flat"), ("map_grad", "map_flat"),
+               ("map_flat_product_lr", "map_flat"))
 
 
 def summarize(records: list[dict], cells: list[dict], tasks: list[dict]) -> dict:

@@ -25,7 +25,7 @@ from sidestep.training.config import AVAILABLE_INITS, InitMode
 from sidestep.training.events import Notice
 from sidestep.training.saving import load_adapter_weights, read_adapter_dir
 
-from .arms import ARM_ORDER, Arm, Budget, control_native, flat_arm, matched_arm, reference_native
+from .arms import ARM_ORDER, MAP_LR_RATIO, Arm, Budget, control_native, flat_arm, matched_arm, reference_native
 from .base_model import MODEL_FOLDER, BaseModel
 from .evaluate import EvalSet, eval_loss, make_eval_set
 from .synthetic import Shift, draw_samples, shifted_law, write_split
@@ -94,10 +94,14 @@ def run_cell(task: Task, seed: int, base: BaseModel, loaded: LoadedModel, runtim
     arms, maps, info = _build_arms(task, seed, entry, loaded, runtime, cfg, cell, shapes, log)
     records = []
     for arm in arms:
+        arm_cfg = cfg
+        if arm.key == "map_flat_product_lr":  # no sweep of its own: flat's choice, as the product would scale it
+            flat_lr = next(r["best_lr"] for r in records if r["arm"] == "flat")  # flat always runs first
+            arm_cfg = replace(cfg, lrs=(flat_lr * MAP_LR_RATIO,))
         init_file = Path(info["init_file"]) if arm.init == "gradient" and info["init_file"] else None
         folder = (_arm_dataset(cell / arm.key, task.train_dir, maps.get(arm.key), init_file)
                   if not arm.flat or init_file is not None else task.train_dir)
-        records.append(_run_arm(arm, folder, task, seed, choice, loaded, runtime, cfg, cell / arm.key, log)
+        records.append(_run_arm(arm, folder, task, seed, choice, loaded, runtime, arm_cfg, cell / arm.key, log)
                        | {"analysis_seconds": info["analysis_seconds"] if not arm.flat else 0.0})
     return records, info
 
@@ -140,6 +144,7 @@ def _build_arms(task: Task, seed: int, entry: ModelEntry, loaded: LoadedModel, r
     built: dict[str, Arm] = {"flat": flat, "flat_rslora": flat_arm(shapes, b, key="flat_rslora")}
     for key, native in natives.items():
         built[key] = matched_arm(key, native, shapes, fb if key == "map_flat" else b, target)
+    built["map_flat_product_lr"] = replace(built["map_flat"], key="map_flat_product_lr")
     built["control"] = matched_arm("control", control_native(built["map_flat"].ranks, seed), shapes, fb, target,
                                    notes=("ranks of (4) shuffled over the same modules",))
     built["map_flat_rslora"] = matched_arm("map_flat_rslora", natives["map_flat"], shapes, fb, target, rslora=True)
