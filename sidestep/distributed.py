@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistContext", "DistributedError", "PeerFailed", "all_gather_objects",
            "all_gather_tensor", "all_reduce_sum", "average_gradients", "barrier", "broadcast_object",
-           "broadcast_tensors", "context_from_env", "current", "gather_objects", "init_distributed", "run_on_main",
-           "session", "shard", "shutdown", "sum_gradients"]
+           "broadcast_tensors", "context_from_env", "current", "gather_objects", "init_distributed", "owns",
+           "run_on_main", "session", "shard", "shutdown", "sum_gradients"]
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "SIDESTEP_DIST_TIMEOUT"
@@ -271,6 +271,11 @@ def barrier() -> None:
 def shard(items: Sequence[T]) -> list[T]:
     """This process's disjoint strided share of `items`: items[rank::world_size]."""
     return list(items[_CURRENT.rank :: _CURRENT.world_size])
+
+
+def owns(index: int) -> bool:
+    """Whether work item `index` is this process's under `shard`'s rule (for loops that must still see every item)."""
+    return index % _CURRENT.world_size == _CURRENT.rank
 
 
 def run_on_main(fn: Callable[[], T]) -> T:

@@ -89,12 +89,6 @@ class _ProbeAdapter:
         self.strength = torch.full((), value, device=self.a.device, requires_grad=requires_grad)
 
 
-def _mine(index: int) -> bool:
-    """Whether this process computes work item `index`: items are dealt round-robin over the processes."""
-    ctx = distributed.current()
-    return index % ctx.world_size == ctx.rank
-
-
 def _summed(values: list[float], device: torch.device) -> list[float]:
     """Each value added up over the processes (one all-reduce; a no-op with one process)."""
     return distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
@@ -185,7 +179,7 @@ def _train(model, adapters, sample, count: int, settings: ProbeSettings, loaded:
             t = sampler.sample(1, g)
             # every process draws (float32 on the CPU, as noise_like always does), to keep the generators in step
             noise = noise_like(batch.target_latents.float(), g)
-            if _mine(j):
+            if distributed.owns(j):
                 batch = batch.to(runtime.device, runtime.dtype)
                 loss = flow_matching_loss(model, batch, t, noise.to(runtime.device, runtime.dtype))
                 (loss / settings.batch).backward()
@@ -211,7 +205,7 @@ def _path_shares(adapters: dict[str, _ProbeAdapter], model, eval_set: list[_Eval
                 raise Interrupted("Analysis interrupted; nothing was written.")
             batch = collate([item.sample]).to(runtime.device, runtime.dtype)
             for j in range(len(item.t)):
-                if _mine(index):
+                if distributed.owns(index):
                     noise = item.noise[j : j + 1].to(runtime.device, runtime.dtype)
                     (flow_matching_loss(model, batch, item.t[j : j + 1], noise) / draws).backward()
                 index += 1
@@ -221,8 +215,7 @@ def _path_shares(adapters: dict[str, _ProbeAdapter], model, eval_set: list[_Eval
                 slope[name] += float(adapter.strength.grad) / points
     for adapter in adapters.values():
         adapter.set_strength(1.0)
-    device = next(iter(adapters.values())).a.device
-    total = _summed(list(slope.values()), device)
+    total = _summed(list(slope.values()), runtime.device)
     return {name: -value for name, value in zip(slope, total)}  # dL/ds < 0: the module's adapter lowers the loss
 
 
@@ -250,9 +243,8 @@ def _eval_inputs(sample, count: int, settings: ProbeSettings, loaded: LoadedMode
 def _eval_loss(model, items: list[_EvalItem], runtime) -> float:
     """Mean loss over the evaluation inputs, each process computing its round-robin share of the samples."""
     total = 0.0
-    for index, item in enumerate(items):
-        if _mine(index):
-            batch = collate([item.sample] * len(item.t)).to(runtime.device, runtime.dtype)
-            noise = item.noise.to(runtime.device, runtime.dtype)
-            total += float(flow_matching_loss(model, batch, item.t, noise))
+    for item in distributed.shard(items):
+        batch = collate([item.sample] * len(item.t)).to(runtime.device, runtime.dtype)
+        noise = item.noise.to(runtime.device, runtime.dtype)
+        total += float(flow_matching_loss(model, batch, item.t, noise))
     return _summed([total], runtime.device)[0] / len(items)

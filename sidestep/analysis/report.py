@@ -16,7 +16,9 @@ from sidestep.analysis.fisher_map import (Concentration, FisherMap, SignalShares
                                           modules_at_rank_max, signal_shares)
 from sidestep.analysis.modules import PROJECTIONS, Category, category_of, layer_of, suffix_of
 
-__all__ = ["CategoryCount", "Preview", "TopModule", "build_preview", "rank_max_sentence", "render_png"]
+__all__ = ["BY_FISHER", "CategoryCount", "Preview", "TopModule", "build_preview", "rank_max_sentence", "render_png"]
+
+BY_FISHER = "Fisher score"  # Preview.ranked_by when no probe or need share set the ranks
 
 TOP_N = 5
 # Under --budget flat, this share of the adapted modules at --rank-max means the cap, not the signal, shaped the map.
@@ -60,7 +62,7 @@ class Preview:
     rank_max: int | None = None
     base_rank: int | None = None
     flat_budget: bool = False
-    ranked_by: str = "Fisher score"  # what the top modules are ranked by: "Fisher score" or a SignalShares.measure
+    ranked_by: str = BY_FISHER  # what the top modules are ranked by: BY_FISHER or a SignalShares.measure
     probe_set_ranks: bool = False  # the ranks come from the probe; the Fisher runs only fill the map's other fields
 
 
@@ -127,7 +129,7 @@ def build_preview(fmap: FisherMap) -> Preview:
         rank_max=fmap.rank_max,
         base_rank=fmap.base_rank,
         flat_budget=fmap.budget_mode == "flat",
-        ranked_by=shares.measure if shares else "Fisher score",
+        ranked_by=shares.measure if shares else BY_FISHER,
         probe_set_ranks=shares is not None and fmap.rank_signal == RankSignal.PROBE.value,
     )
 

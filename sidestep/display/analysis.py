@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from sidestep.analysis.report import concentration_sentence, rank_max_sentence
+from sidestep.analysis.report import BY_FISHER, concentration_sentence, rank_max_sentence
 from sidestep.display import output
 
 __all__ = ["print_preview"]
@@ -59,7 +59,7 @@ def print_preview(preview) -> None:
 
 def _top_table(preview) -> Table:
     """The top modules by what set the ranks: their share of the probe's loss fall or of the need, or Fisher score."""
-    if preview.ranked_by != "Fisher score":
+    if preview.ranked_by != BY_FISHER:
         table = Table(title=f"Top {len(preview.top)} modules by their share of {preview.ranked_by}", title_justify="left")
         for column in ("module", "share", "rank"):
             table.add_column(column, justify="left" if column == "module" else "right")
