@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default=None, help="train only these arms (comma-separated; flat always); default all")
     p.add_argument("--probe-lr", type=float, default=None, help="learning rate of the --rank-signal probe run "
                    "(default: the tool's default)")
+    p.add_argument("--probe-repeats", type=int, default=1, help="independent probes averaged (the tool's "
+                   "--probe-repeats; default 1, the tool's default)")
     p.add_argument("--skip-control-analysis", action="store_true", help="skip the own-samples analysis")
     p.add_argument("--out", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
     teacher = load_model(find_model(base.root, MODEL_FOLDER, None), runtime)
     budget = Budget(args.rank, args.rank_min, args.rank_max, args.rank_step, flat_hi=args.flat_rank_max)
     cfg = CellConfig(budget, args.steps, args.batch_size, args.warmup, tuple(float(x) for x in args.lrs.split(",")),
-                     tuple(args.signals.split(",")), tuple(args.arms.split(",")) if args.arms else None, args.probe_lr)
+                     tuple(args.signals.split(",")), tuple(args.arms.split(",")) if args.arms else None, args.probe_lr,
+                     args.probe_repeats)
     records, cells, plants, controls = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="sidestep-planted-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -161,7 +164,7 @@ def _control_analysis(loaded, folder: Path, output: Path, cfg: CellConfig, runti
     """The default analysis (seed 0, flat budget) of `loaded` on `folder`: what the map's measures record."""
     b = cfg.budget
     acfg = AnalysisConfig(dataset_dir=folder, output=output, base_rank=b.base, rank_min=b.lo, rank_max=b.hi,
-                          rank_step=b.step, budget="flat", write_init=False, seed=0)
+                          rank_step=b.step, budget="flat", write_init=False, seed=0, probe_repeats=cfg.probe_repeats)
     outcome = analyze_dataset(acfg, loaded.entry, runtime, loader=lambda _e, _r: loaded)
     return concentration_record(outcome.map)
 

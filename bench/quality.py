@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default=",".join(ARM_ORDER), help="arms to run, comma-separated (flat is always run)")
     p.add_argument("--rank-signal", default=None, help="our map's rank signal (default: the tool's default, "
                    "probe): probe|data|need|fisher|grad-energy|weight")
+    p.add_argument("--probe-repeats", type=int, default=1, help="independent probes averaged by our maps' "
+                   "analysis (the tool's --probe-repeats; default 1)")
     p.add_argument("--focus", default="balanced", help="analysis timestep focus: balanced|texture|structure|LOW,HIGH")
     p.add_argument("--inclusion", type=float, default=0.55, help="fraction of modules our maps select by Fisher")
     p.add_argument("--out", type=Path, help="also write the full result JSON here")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None, emit=print) -> dict:
         batch_size=args.batch_size, warmup=args.warmup, lrs=tuple(float(x) for x in args.lrs.split(",")),
         n_train=args.train_samples, n_val=args.val_samples, n_test=args.test_samples, n_base_eval=args.base_samples,
         eval_draws=args.eval_draws, rank_signal=args.rank_signal or DEFAULT_SIGNAL, arms=arms, focus=args.focus,
-        inclusion=args.inclusion)
+        inclusion=args.inclusion, probe_repeats=args.probe_repeats)
     spec = BaseSpec(num_layers=args.layers, hidden=args.hidden, steps=args.pretrain_steps, seed=args.base_seed,
                     law_seed=args.base_seed)
     runtime = resolve_runtime(args.device, "fp32", False)

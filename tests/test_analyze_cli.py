@@ -70,13 +70,14 @@ def test_yes_json_writes_map_png_and_summary(monkeypatch, capsys, checkpoint_roo
     assert f"The probe lowered the model's loss on this data by {fall:.1%}." in err
 
 
-def test_probe_signal_runs_the_probe_with_the_given_steps_and_lr(monkeypatch, capsys, checkpoint_root, dataset_dir):
+def test_probe_signal_runs_the_probe_with_the_given_steps_lr_and_repeats(monkeypatch, capsys, checkpoint_root, dataset_dir):
     code, out, err = _analyze(monkeypatch, capsys, checkpoint_root, dataset_dir, "--yes", "--json", "--rank-signal",
-                              "probe", "--probe-steps", "3", "--probe-lr", "0.02", "--budget", "flat")
+                              "probe", "--probe-steps", "3", "--probe-lr", "0.02", "--probe-repeats", "2",
+                              "--budget", "flat")
     assert code == 0, err
     data = json.loads((dataset_dir / "fisher_map.json").read_text(encoding="utf-8"))
     assert data["rank_signal"] == "probe"
-    assert (data["probe"]["steps"], data["probe"]["lr"]) == (3, 0.02)
+    assert (data["probe"]["steps"], data["probe"]["lr"], data["probe"]["repeats"]) == (3, 0.02, 2)
     scores = {n: v["score"] for n, v in data["probe"]["per_module"].items()}
     assert max(scores, key=scores.get) in data["rank_pattern"]
 
@@ -162,6 +163,7 @@ BAD = [
     ("signal", ["--rank-signal", "magic"], "--rank-signal"),
     ("alpha", ["--alpha-ratio", "0"], "--alpha-ratio"),
     ("probe lr", ["--probe-lr", "5"], "--probe-lr"),
+    ("probe repeats", ["--probe-repeats", "0"], "--probe-repeats"),
     ("rank max above a module", ["--rank-max", "64"], "--rank-max 64 is more than"),
     ("seed", ["--seed", "-1"], "--seed"),
     ("no tty", ["--no-yes"], "--yes"),
@@ -234,9 +236,10 @@ def test_progress_bar_names_each_phase():
 
     bar = _ProgressBar()
     try:
-        for phase, label in (("fisher", "Fisher run 1/2"), ("probe", "LoRA probe"),
-                             ("probe-attribution", "Probe attribution")):
-            bar.update(Progress(phase, 1, 2, 3, 10, 3, 10))
+        for phase, runs, label in (("fisher", 2, "Fisher run 1/2"), ("probe", 1, "LoRA probe"),
+                                   ("probe-attribution", 1, "Probe attribution"), ("probe", 3, "LoRA probe 1/3"),
+                                   ("probe-attribution", 3, "Probe attribution 1/3")):
+            bar.update(Progress(phase, 1, runs, 3, 10, 3, 10))
             assert bar._bar.tasks[0].description == label
     finally:
         bar.stop()

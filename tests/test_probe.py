@@ -20,11 +20,13 @@ from sidestep.analysis.allocate import saturating_ranks
 from sidestep.analysis.config import AnalysisConfig, RankSignal
 from sidestep.analysis.fisher_map import PROBE_FIELD, read_map
 from sidestep.analysis.modules import targetable_modules
+from sidestep.analysis import probe as probe_module
 from sidestep.analysis.probe import ProbeSettings, measure_probe
 from sidestep.analysis.run import PROBE_SATURATION, analyze_dataset
-from sidestep.data import DatasetSpec, scan_dataset
+from sidestep.data import DatasetSpec, load_sample, scan_dataset
 from sidestep.errors import ConfigError, Interrupted
 from sidestep.models import find_model, load_model, original_to_diffusers, resolve_runtime
+from sidestep.seeding import mix_seed
 
 QUICK = ProbeSettings(steps=4, rank=4, lr=1e-2, batch=2, eval_samples=3, eval_draws=2)
 
@@ -132,19 +134,49 @@ def test_probe_settings_are_validated(tmp_path):
         AnalysisConfig(dataset_dir=tmp_path, probe_steps=0)
     with pytest.raises(ConfigError, match="--probe-lr"):
         AnalysisConfig(dataset_dir=tmp_path, probe_lr=2.0)
+    with pytest.raises(ConfigError, match="--probe-repeats"):
+        AnalysisConfig(dataset_dir=tmp_path, probe_repeats=0)
 
 
 def test_progress_counts_the_training_steps_then_the_attribution_passes(loaded, files):
     seen = []
-    _probe(loaded, files, on_progress=lambda done, total: seen.append((done, total)))
+    _probe(loaded, files, on_progress=lambda repeat, done, total: seen.append((repeat, done, total)))
     total = QUICK.steps + QUICK.points * QUICK.eval_samples
-    assert seen[0] == (0, total) and seen[-1] == (total, total)
-    assert [d for d, _ in seen] == list(range(QUICK.steps)) + list(range(QUICK.steps + 1, total + 1))
+    assert seen[0] == (0, 0, total) and seen[-1] == (0, total, total)
+    assert [d for _, d, _ in seen] == list(range(QUICK.steps)) + list(range(QUICK.steps + 1, total + 1))
+
+
+def test_repeats_average_independent_probes_and_the_first_is_the_single_probe(loaded, files):
+    seen = []
+    averaged = _probe(loaded, files, 3, replace(QUICK, repeats=3),
+                      on_progress=lambda repeat, done, total: seen.append((repeat, done)))
+    single = _probe(loaded, files, 3)
+    assert averaged.settings.repeats == 3 and averaged.lr_used == QUICK.lr
+    # each repeat is a whole probe of its own (its training steps, then its attribution), one after another
+    total = QUICK.steps + QUICK.points * QUICK.eval_samples
+    assert [r for r, _ in seen] == [0] * total + [1] * total + [2] * total
+    # the average of three different probes: not the first alone, and as complete as each of them
+    assert averaged.share != single.share
+    assert sum(averaged.share.values()) == pytest.approx(averaged.loss_before - averaged.loss_probed, rel=0.05)
+    # the first is exactly the single probe of the same seed; the other two run on streams of their own
+    runs = [_one_probe(loaded, files, mix_seed(3, probe_module._PROBE_STREAM, r)) for r in (1, 2)]
+    expected = {n: (single.share[n] + runs[0][0][n] + runs[1][0][n]) / 3 for n in single.share}
+    assert averaged.share == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert averaged.loss_before == pytest.approx((single.loss_before + runs[0][1] + runs[1][1]) / 3, rel=1e-12)
+    assert runs[0][0] != single.share and runs[0][0] != runs[1][0]
+
+
+def _one_probe(loaded, files, stream):
+    spec = DatasetSpec.from_model_config(loaded.entry.config)
+    cache = {}
+    sample = lambda i: cache.setdefault(i, load_sample(files[i], spec))  # noqa: E731
+    return probe_module._probe_once(loaded, targetable_modules(loaded.num_layers), sample, len(files), QUICK, stream,
+                                    None, lambda _d, _t: None)
 
 
 def test_a_probe_that_learns_nothing_is_retried_at_a_tenth_of_the_lr_then_refused(loaded, files):
     seen = []
     with pytest.raises(ConfigError, match=r"--probe-lr 0\.01 nor at 0\.001.*--rank-signal data"):
-        _probe(loaded, files, settings=replace(QUICK, steps=0), on_progress=lambda d, t: seen.append((d, t)))
+        _probe(loaded, files, settings=replace(QUICK, steps=0), on_progress=lambda r, d, t: seen.append((d, t)))
     assert seen == []  # neither attempt had a step to train nor a fall to share out
     assert _probe(loaded, files).lr_used == QUICK.lr  # a probe that learns keeps its rate

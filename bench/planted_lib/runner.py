@@ -46,6 +46,7 @@ class CellConfig:
     signals: tuple[str, ...] = SIGNALS
     arms: tuple[str, ...] | None = None  # train only these arms (flat always); None = all
     probe_lr: float | None = None  # --rank-signal probe at another LR than the tool's default; None = the default
+    probe_repeats: int = 1  # --probe-repeats: independent probes averaged
 
 
 @dataclass
@@ -90,7 +91,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     fb = b.for_flat_maps()
     acfg = AnalysisConfig(dataset_dir=data.train_dir, output=cell / "analysis" / "fisher_map.json", base_rank=b.base,
                           rank_min=b.lo, rank_max=b.hi, rank_step=b.step, budget="flat", alpha_ratio=b.alpha_ratio,
-                          seed=seed, write_init=False)
+                          seed=seed, write_init=False, probe_repeats=cfg.probe_repeats)
     (cell / "analysis").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     outcome = analyze_dataset(acfg, entry, runtime, loader=lambda _e, _r: loaded)

@@ -50,6 +50,7 @@ class CellConfig:
     arms: tuple[str, ...]
     focus: str = "balanced"  # analysis timestep focus of our maps
     inclusion: float = 0.55  # selection fraction of our maps (the reference arm keeps 0.55)
+    probe_repeats: int = 1  # --probe-repeats of our maps' analysis (independent probes averaged)
 
 
 @dataclass
@@ -121,7 +122,8 @@ def _build_arms(task: Task, seed: int, entry: ModelEntry, loaded: LoadedModel, r
     b = cfg.budget
     acfg = AnalysisConfig(dataset_dir=task.train_dir, output=cell / "analysis" / "fisher_map.json", base_rank=b.base,
                           rank_min=b.lo, rank_max=b.hi, rank_step=b.step, budget="median", alpha_ratio=b.alpha_ratio,
-                          rank_signal=cfg.rank_signal, timestep_focus=cfg.focus, inclusion=cfg.inclusion, seed=seed)
+                          rank_signal=cfg.rank_signal, timestep_focus=cfg.focus, inclusion=cfg.inclusion, seed=seed,
+                          probe_repeats=cfg.probe_repeats)
     (cell / "analysis").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     outcome = analyze_dataset(acfg, entry, runtime, loader=lambda _e, _r: loaded)  # the one library entry

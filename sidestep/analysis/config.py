@@ -78,6 +78,8 @@ class AnalysisConfig:
     probe_steps: int = field(default=40, metadata={"help": "--rank-signal probe: training steps of the flat LoRA probe."})
     probe_rank: int = field(default=8, metadata={"help": "--rank-signal probe: rank of the probe on every module."})
     probe_lr: float = field(default=1e-2, metadata={"help": "--rank-signal probe: learning rate of the probe (Adam)."})
+    probe_repeats: int = field(default=1, metadata={"help": "--rank-signal probe: independent probes averaged (a map "
+                                                    "another seed reproduces, at this many times the cost)."})
     focus_label: str = field(init=False, default="balanced")
     focus_range: tuple[float, float] = field(init=False, default=(0.0, 1.0))
 
@@ -106,7 +108,8 @@ class AnalysisConfig:
             raise ConfigError(f"--convergence-threshold must be in (0, 1], got {self.convergence_threshold!r}.")
         if not (_number(self.data_rank_energy) and 0 < self.data_rank_energy <= 1):
             raise ConfigError(f"--data-rank-energy must be in (0, 1], got {self.data_rank_energy!r}.")
-        for flag, value in (("--probe-steps", self.probe_steps), ("--probe-rank", self.probe_rank)):
+        for flag, value in (("--probe-steps", self.probe_steps), ("--probe-rank", self.probe_rank),
+                            ("--probe-repeats", self.probe_repeats)):
             if not _positive_int(value):
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}.")
         if not (_number(self.probe_lr) and 0 < self.probe_lr < 1):

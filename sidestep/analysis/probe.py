@@ -11,8 +11,11 @@ and on the planted benchmark it names the planted modules more often and agrees 
 A module's score is its share per (in + out), the parameter cost of one rank step.
 
 How long to probe is a trade measured on the planted benchmark (docs/data-awareness.md): the default, 40 steps,
-is the one whose maps gained most. A probe whose loss did not fall below the base model's is retried once at a
-tenth of the learning rate, so a default rate that diverges on a larger model cannot silently produce noise.
+is the one whose maps gained most. Which of several interchangeable modules a single probe credits depends on its
+seed; `repeats` independent probes (each its own draws and initial directions) are averaged, share by share, for
+a map that another seed reproduces, at `repeats` times the cost. A probe whose loss did not fall below the base
+model's is retried once at a tenth of the learning rate, so a default rate that diverges on a larger model cannot
+silently produce noise.
 
 Under torchrun every process draws the same samples, timesteps and noise from the same seeded generator, but
 computes only its round-robin share of each step's samples and of the evaluation passes; one all-reduce per
@@ -56,13 +59,14 @@ class ProbeSettings:
     eval_draws: int = 4  # fixed timesteps per evaluation sample
     scale: float = 2.0  # alpha / rank of the probe adapters
     points: int = 4  # midpoints of the attribution path; 4 give the whole fall to within a few percent
+    repeats: int = 1  # independent probes averaged (the first one is the single probe of the same seed)
 
 
 @dataclass(frozen=True)
 class ProbeResult:
     scores: dict[str, float]  # the module's share of the loss fall, per (in + out); original names
-    share: dict[str, float]  # the raw share of loss_before - loss_probed (they add up to it)
-    loss_before: float  # evaluation loss of the base model
+    share: dict[str, float]  # the raw share of loss_before - loss_probed (they add up to it); mean over repeats
+    loss_before: float  # evaluation loss of the base model (mean over the repeats' evaluation inputs)
     loss_probed: float  # with every probe adapter on
     settings: ProbeSettings
     seconds: float
@@ -96,10 +100,11 @@ def _summed(values: list[float], device: torch.device) -> list[float]:
 
 def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec: DatasetSpec, settings: ProbeSettings,
                   seed: int, should_stop: Callable[[], bool] | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+                  on_progress: Callable[[int, int, int], None] | None = None) -> ProbeResult:
     """Train the probe, then attribute its loss fall to the modules. Every process ends with the same result.
 
-    `on_progress(done, total)` counts training steps and then attribution passes (points × evaluation inputs).
+    `on_progress(repeat, done, total)` counts, within each of the `settings.repeats` probes (repeat 0-based),
+    training steps and then attribution passes (points × evaluation inputs).
     Raises ConfigError when the probe cannot lower the loss even at the retry's lower learning rate.
     """
     started = time.perf_counter()
@@ -110,30 +115,42 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
             cache[index] = load_sample(files[index], spec)
         return cache[index]
 
-    lr = settings.lr
-    for attempt in range(2):
-        share, before, probed = _probe_once(loaded, names, sample, len(files), replace(settings, lr=lr), seed,
-                                           should_stop, on_progress or (lambda _done, _total: None))
-        if math.isfinite(probed) and probed < before:
-            break
-        if attempt == 0:
-            lr *= LR_RETRY_FACTOR
-    else:
-        raise ConfigError(f"The probe did not lower the loss at --probe-lr {settings.lr:g} nor at {lr:g} "
-                          f"(loss {before:.4g} before, {probed:.4g} after); pass another --probe-lr or --rank-signal data.")
+    report = on_progress or (lambda _repeat, _done, _total: None)
+    lr, runs = settings.lr, []
+    for repeat in range(settings.repeats):
+        # the first probe is the single probe of this seed; the others draw streams of their own
+        stream = mix_seed(seed, _PROBE_STREAM) if repeat == 0 else mix_seed(seed, _PROBE_STREAM, repeat)
+        # a rate that had to be lowered for the first probe is the rate of every repeat
+        attempts = 2 if repeat == 0 else 1
+        for attempt in range(attempts):
+            share, before, probed = _probe_once(loaded, names, sample, len(files), replace(settings, lr=lr), stream,
+                                               should_stop, lambda done, total: report(repeat, done, total))
+            if math.isfinite(probed) and probed < before:
+                break
+            if attempt + 1 < attempts:
+                lr *= LR_RETRY_FACTOR
+        else:
+            tried = f"--probe-lr {settings.lr:g}" + (f" nor at {lr:g}" if lr != settings.lr else "")
+            raise ConfigError(f"The probe did not lower the loss at {tried} (loss {before:.4g} before, {probed:.4g} "
+                              f"after); pass another --probe-lr or --rank-signal data.")
+        runs.append((share, before, probed))
+    share = {n: sum(run[0][n] for run in runs) / len(runs) for n in names}
+    before = sum(run[1] for run in runs) / len(runs)
+    probed = sum(run[2] for run in runs) / len(runs)
     shapes = module_shapes(loaded.transformer)
     scores = {n: max(share[n], _FLOOR) / shapes[n].lora_params(1) for n in names}  # per (in + out): one rank step
     return ProbeResult(scores, share, before, probed, settings, time.perf_counter() - started, lr)
 
 
 def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], Sample], count: int,
-                settings: ProbeSettings, seed: int, should_stop, report: Callable[[int, int], None]
+                settings: ProbeSettings, stream: int, should_stop, report: Callable[[int, int], None]
                 ) -> tuple[dict[str, float], float, float]:
-    """One probe at `settings.lr`: (each module's share of the fall, loss without the probe, loss with it)."""
+    """One probe at `settings.lr`, every draw from the generator seeded with `stream`: (each module's share of
+    the fall, loss without the probe, loss with it)."""
     model = loaded.transformer
     runtime = loaded.runtime
     modules = dict(model.named_modules())
-    g = torch.Generator().manual_seed(mix_seed(seed, _PROBE_STREAM))
+    g = torch.Generator().manual_seed(stream)
     was_training = model.training
     model.eval()
     saved_grad = {p: p.requires_grad for p in model.parameters()}

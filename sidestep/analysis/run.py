@@ -200,15 +200,15 @@ def with_probe(config: AnalysisConfig, loaded: LoadedModel, result: AnalysisResu
     """The result with the probe's per-module scores (`--rank-signal probe`), measured on the same dataset.
 
     Progress: phase "probe" over the training steps, then "probe-attribution" over the attribution passes; `done`
-    of `total` counts both.
+    of `total` counts both, for each of the `--probe-repeats` probes in turn (`run` of `runs`).
     """
-    def report(done: int, total: int) -> None:
+    def report(repeat: int, done: int, total: int) -> None:
         phase = "probe" if done <= config.probe_steps else "probe-attribution"
-        on_progress(Progress(phase, 1, 1, done, total, done, total))
+        on_progress(Progress(phase, repeat + 1, config.probe_repeats, done, total, done, total))
 
     announce = report if on_progress is not None and _is_main_process() else None
     settings = ProbeSettings(steps=config.probe_steps, rank=config.probe_rank, lr=config.probe_lr,
-                             scale=float(config.alpha_ratio))
+                             scale=float(config.alpha_ratio), repeats=config.probe_repeats)
     spec = DatasetSpec.from_model_config(loaded.entry.config)
     probe = measure_probe(loaded, [m.name for m in result.modules], list(scan.files), spec, settings, config.seed,
                           should_stop, announce)
@@ -268,6 +268,7 @@ def _probe_field(result: AnalysisResult) -> dict:
     share = concentration(probe.scores)
     return {PROBE_FIELD: {
         "steps": s.steps, "rank": s.rank, "lr": s.lr, "lr_used": probe.lr_used,  # no time: same seed, same map
+        "repeats": s.repeats,
         "attribution": "path", "points": s.points,
         "loss_before": probe.loss_before, "loss_probed": probe.loss_probed,
         "top10_share": round(share, 6), "spread_evenly": share < SPREAD_EVENLY_BELOW,

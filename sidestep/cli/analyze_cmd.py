@@ -34,6 +34,7 @@ from sidestep.cli.options import (
     RankMinOpt,
     RankOpt,
     ProbeLrOpt,
+    ProbeRepeatsOpt,
     ProbeStepsOpt,
     RankSignalOpt,
     RunsOpt,
@@ -75,6 +76,7 @@ def analyze(
     rank_signal: RankSignalOpt = "probe",
     probe_steps: ProbeStepsOpt = 40,
     probe_lr: ProbeLrOpt = 1e-2,
+    probe_repeats: ProbeRepeatsOpt = 1,
     allow_turbo: AllowTurboOpt = False,
     gradient_checkpointing: GradientCheckpointingOpt = None,
     skip_bad: SkipBadOpt = False,
@@ -94,12 +96,13 @@ def analyze(
         v = recipe.values
         (dataset_dir, timestep_focus, rank, rank_min, rank_max, convergence_patience, checkpoint_dir, model,
          base_variant, yes, seed, runs, batches_per_run, device, precision, output_path, budget, alpha_ratio,
-         rank_signal, allow_turbo, gradient_checkpointing, skip_bad, weight_rank, no_init, probe_steps, probe_lr) = (
+         rank_signal, allow_turbo, gradient_checkpointing, skip_bad, weight_rank, no_init, probe_steps, probe_lr,
+         probe_repeats) = (
             v[k] for k in ("dataset_dir", "timestep_focus", "rank", "rank_min", "rank_max", "convergence_patience",
                            "checkpoint_dir", "model", "base_variant", "yes", "seed", "runs", "batches_per_run",
                            "device", "precision", "output_path", "budget", "alpha_ratio", "rank_signal",
                            "allow_turbo", "gradient_checkpointing", "skip_bad", "weight_rank", "no_init",
-                           "probe_steps", "probe_lr"))
+                           "probe_steps", "probe_lr", "probe_repeats"))
 
     if dataset_dir is None:
         raise ConfigError("--dataset-dir is required: the folder of preprocessed .pt files to analyse.")
@@ -108,7 +111,7 @@ def analyze(
         rank_min=rank_min, rank_max=rank_max, budget=budget, alpha_ratio=alpha_ratio, rank_signal=rank_signal,
         runs=runs, batches_per_run=batches_per_run, convergence_patience=convergence_patience, seed=seed,
         weight_rank=weight_rank, allow_turbo=allow_turbo, skip_bad=skip_bad, write_init=not no_init,
-        probe_steps=probe_steps, probe_lr=probe_lr,
+        probe_steps=probe_steps, probe_lr=probe_lr, probe_repeats=probe_repeats,
     )
     sample_files(config.dataset_dir)  # a missing or empty folder is the first thing to hear about
     check_output(config.output_path)  # and a map that could not be written, before any model loads
@@ -156,7 +159,8 @@ class _ProgressBar:
         elif p.phase == "weight-rank":
             self._bar.update(self._task, description="Weight SVDs", rho="")
         elif p.phase in ("probe", "probe-attribution"):
-            label = "LoRA probe" if p.phase == "probe" else "Probe attribution"
+            label = ("LoRA probe" if p.phase == "probe" else "Probe attribution") + (
+                f" {p.run}/{p.runs}" if p.runs > 1 else "")
             self._bar.update(self._task, description=label, completed=p.done, total=p.total, rho="")
 
     def stop(self) -> None:

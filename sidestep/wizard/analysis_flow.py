@@ -220,7 +220,8 @@ def _run(asker: Asker, config: AnalysisConfig, answers: Answers) -> Any:
     with asker.progress("Preprocessing++") as bar:
         def on_progress(p: Any) -> None:
             if p.phase.startswith("probe"):  # the LoRA probe: its steps, then its attribution passes
-                bar(p.done, p.total, "LoRA probe" if p.phase == "probe" else "probe attribution")
+                label = "LoRA probe" if p.phase == "probe" else "probe attribution"
+                bar(p.done, p.total, label + (f" {p.run}/{p.runs}" if p.runs > 1 else ""))
                 return
             rho = f", ρ {p.spearman:.3f}" if p.spearman is not None else ""
             bar(p.done, p.total, f"run {p.run}/{p.runs} {p.phase}{rho}")
