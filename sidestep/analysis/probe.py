@@ -120,26 +120,41 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
     for repeat in range(settings.repeats):
         # the first probe is the single probe of this seed; the others draw streams of their own
         stream = mix_seed(seed, _PROBE_STREAM) if repeat == 0 else mix_seed(seed, _PROBE_STREAM, repeat)
+
+        def run(rate: float) -> tuple[dict[str, float], float, float]:  # this repeat's probe at `rate`
+            return _probe_once(loaded, names, sample, len(files), replace(settings, lr=rate), stream, should_stop,
+                               lambda done, total: report(repeat, done, total))
+
         # a rate that had to be lowered for the first probe is the rate of every repeat
-        attempts = 2 if repeat == 0 else 1
-        for attempt in range(attempts):
-            share, before, probed = _probe_once(loaded, names, sample, len(files), replace(settings, lr=lr), stream,
-                                               should_stop, lambda done, total: report(repeat, done, total))
-            if math.isfinite(probed) and probed < before:
-                break
-            if attempt + 1 < attempts:
-                lr *= LR_RETRY_FACTOR
-        else:
-            tried = f"--probe-lr {settings.lr:g}" + (f" nor at {lr:g}" if lr != settings.lr else "")
-            raise ConfigError(f"The probe did not lower the loss at {tried} (loss {before:.4g} before, {probed:.4g} "
-                              f"after); pass another --probe-lr or --rank-signal data.")
-        runs.append((share, before, probed))
+        outcome, lr = _learned(run, lr, settings.lr, retry=repeat == 0)
+        runs.append(outcome)
     share = {n: sum(run[0][n] for run in runs) / len(runs) for n in names}
     before = sum(run[1] for run in runs) / len(runs)
     probed = sum(run[2] for run in runs) / len(runs)
     shapes = module_shapes(loaded.transformer)
     scores = {n: max(share[n], _FLOOR) / shapes[n].lora_params(1) for n in names}  # per (in + out): one rank step
     return ProbeResult(scores, share, before, probed, settings, time.perf_counter() - started, lr)
+
+
+def _learned(run: Callable[[float], tuple[dict[str, float], float, float]], lr: float, asked: float, retry: bool
+             ) -> tuple[tuple[dict[str, float], float, float], float]:
+    """`run(lr)`, and once more at a tenth of the rate when `retry` and the probe did not lower the loss: (its
+    outcome, the rate it learned at). Raises ConfigError naming `--probe-lr` (`asked`) when it did not learn."""
+    outcome = run(lr)
+    if retry and not _lowered(outcome):
+        lr *= LR_RETRY_FACTOR
+        outcome = run(lr)
+    if not _lowered(outcome):
+        _share, before, probed = outcome
+        tried = f"--probe-lr {asked:g}" + (f" nor at {lr:g}" if lr != asked else "")
+        raise ConfigError(f"The probe did not lower the loss at {tried} (loss {before:.4g} before, {probed:.4g} "
+                          f"after); pass another --probe-lr or --rank-signal data.")
+    return outcome, lr
+
+
+def _lowered(outcome: tuple[dict[str, float], float, float]) -> bool:
+    _share, before, probed = outcome
+    return math.isfinite(probed) and probed < before
 
 
 def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], Sample], count: int,
