@@ -166,12 +166,28 @@ def test_repeats_average_independent_probes_and_the_first_is_the_single_probe(lo
     assert runs[0][0] != single.share and runs[0][0] != runs[1][0]
 
 
-def _one_probe(loaded, files, stream):
+def test_a_repeat_that_raises_the_loss_is_averaged_in_not_refused(loaded, files):
+    settings = replace(QUICK, steps=1, lr=0.3, repeats=6)  # one rough step: some of these probes fail on their own
+    unlucky = _one_probe(loaded, files, mix_seed(3, probe_module._PROBE_STREAM, 5), settings, attribute_any_fall=True)
+    assert unlucky[2] > unlucky[1]  # the sixth probe alone raises the loss (the first alone lowers it)
+    result = _probe(loaded, files, 3, settings)
+    assert result.lr_used == 0.3  # no retry at a tenth for a later repeat: the first one learned at this rate
+    assert result.loss_probed < result.loss_before  # the six together lower it
+    # every probe counts in the average, the unlucky one with its shares of the rise
+    runs = [_one_probe(loaded, files, mix_seed(3, probe_module._PROBE_STREAM), settings)]
+    runs += [_one_probe(loaded, files, mix_seed(3, probe_module._PROBE_STREAM, r), settings, attribute_any_fall=True)
+             for r in range(1, 6)]
+    assert runs[5] == unlucky
+    expected = {n: sum(run[0][n] for run in runs) / 6 for n in result.share}
+    assert result.share == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def _one_probe(loaded, files, stream, settings=QUICK, attribute_any_fall=False):
     spec = DatasetSpec.from_model_config(loaded.entry.config)
     cache = {}
     sample = lambda i: cache.setdefault(i, load_sample(files[i], spec))  # noqa: E731
-    return probe_module._probe_once(loaded, targetable_modules(loaded.num_layers), sample, len(files), QUICK, stream,
-                                    None, lambda _d, _t: None)
+    return probe_module._probe_once(loaded, targetable_modules(loaded.num_layers), sample, len(files), settings, stream,
+                                    None, lambda _d, _t: None, attribute_any_fall)
 
 
 def test_a_probe_that_learns_nothing_is_retried_at_a_tenth_of_the_lr_then_refused(loaded, files):

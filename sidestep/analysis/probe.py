@@ -105,7 +105,9 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
 
     `on_progress(repeat, done, total)` counts, within each of the `settings.repeats` probes (repeat 0-based),
     training steps and then attribution passes (points × evaluation inputs).
-    Raises ConfigError when the probe cannot lower the loss even at the retry's lower learning rate.
+    Raises ConfigError when the first probe cannot lower the loss even at the retry's lower learning rate, when a
+    later one diverges, or when together they do not lower it. A later probe is trained at the first one's rate
+    and counted whatever its own fall: one unlucky probe of K is the noise the average is there to absorb.
     """
     started = time.perf_counter()
     cache: dict[int, Sample] = {}
@@ -121,34 +123,42 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
         # the first probe is the single probe of this seed; the others draw streams of their own
         stream = mix_seed(seed, _PROBE_STREAM) if repeat == 0 else mix_seed(seed, _PROBE_STREAM, repeat)
 
-        def run(rate: float) -> tuple[dict[str, float], float, float]:  # this repeat's probe at `rate`
+        def run(rate: float, attribute_any_fall: bool = False) -> tuple[dict[str, float], float, float]:
             return _probe_once(loaded, names, sample, len(files), replace(settings, lr=rate), stream, should_stop,
-                               lambda done, total: report(repeat, done, total))
+                               lambda done, total: report(repeat, done, total), attribute_any_fall)
 
-        # a rate that had to be lowered for the first probe is the rate of every repeat
-        outcome, lr = _learned(run, lr, settings.lr, retry=repeat == 0)
+        if repeat == 0:
+            outcome, lr = _learned(run, lr, settings.lr)
+        else:
+            # at the first probe's rate, whatever its own fall: one unlucky probe of K is noise the average absorbs
+            outcome = run(lr, attribute_any_fall=True)
+            if not math.isfinite(outcome[2]):
+                raise ConfigError(f"Probe {repeat + 1} of {settings.repeats} diverged at --probe-lr {lr:g}; pass a "
+                                  f"lower --probe-lr or fewer --probe-repeats.")
         runs.append(outcome)
     share = {n: sum(run[0][n] for run in runs) / len(runs) for n in names}
     before = sum(run[1] for run in runs) / len(runs)
     probed = sum(run[2] for run in runs) / len(runs)
+    if not probed < before:
+        raise ConfigError(f"The {len(runs)} probes at --probe-lr {lr:g} did not lower the loss on average (loss "
+                          f"{before:.4g} before, {probed:.4g} after); pass another --probe-lr or --rank-signal data.")
     shapes = module_shapes(loaded.transformer)
     scores = {n: max(share[n], _FLOOR) / shapes[n].lora_params(1) for n in names}  # per (in + out): one rank step
     return ProbeResult(scores, share, before, probed, settings, time.perf_counter() - started, lr)
 
 
-def _learned(run: Callable[[float], tuple[dict[str, float], float, float]], lr: float, asked: float, retry: bool
+def _learned(run: Callable[[float], tuple[dict[str, float], float, float]], lr: float, asked: float
              ) -> tuple[tuple[dict[str, float], float, float], float]:
-    """`run(lr)`, and once more at a tenth of the rate when `retry` and the probe did not lower the loss: (its
-    outcome, the rate it learned at). Raises ConfigError naming `--probe-lr` (`asked`) when it did not learn."""
+    """`run(lr)`, and once more at a tenth of the rate when the probe did not lower the loss: (its outcome, the
+    rate it learned at). Raises ConfigError naming `--probe-lr` (`asked`) when it did not learn at either."""
     outcome = run(lr)
-    if retry and not _lowered(outcome):
+    if not _lowered(outcome):
         lr *= LR_RETRY_FACTOR
         outcome = run(lr)
     if not _lowered(outcome):
         _share, before, probed = outcome
-        tried = f"--probe-lr {asked:g}" + (f" nor at {lr:g}" if lr != asked else "")
-        raise ConfigError(f"The probe did not lower the loss at {tried} (loss {before:.4g} before, {probed:.4g} "
-                          f"after); pass another --probe-lr or --rank-signal data.")
+        raise ConfigError(f"The probe did not lower the loss at --probe-lr {asked:g} nor at {lr:g} (loss "
+                          f"{before:.4g} before, {probed:.4g} after); pass another --probe-lr or --rank-signal data.")
     return outcome, lr
 
 
@@ -158,10 +168,11 @@ def _lowered(outcome: tuple[dict[str, float], float, float]) -> bool:
 
 
 def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], Sample], count: int,
-                settings: ProbeSettings, stream: int, should_stop, report: Callable[[int, int], None]
-                ) -> tuple[dict[str, float], float, float]:
+                settings: ProbeSettings, stream: int, should_stop, report: Callable[[int, int], None],
+                attribute_any_fall: bool = False) -> tuple[dict[str, float], float, float]:
     """One probe at `settings.lr`, every draw from the generator seeded with `stream`: (each module's share of
-    the fall, loss without the probe, loss with it)."""
+    the fall, loss without the probe, loss with it). A probe that did not lower the loss is attributed only
+    when `attribute_any_fall` (its shares then add up to a rise); otherwise its shares are empty."""
     model = loaded.transformer
     runtime = loaded.runtime
     modules = dict(model.named_modules())
@@ -183,7 +194,7 @@ def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], S
                 adapter.set_strength(1.0)
             probed = _eval_loss(model, eval_set, runtime)
         share = {}
-        if math.isfinite(probed) and probed < before:  # a probe that learned nothing has nothing to attribute
+        if math.isfinite(probed) and (probed < before or attribute_any_fall):
             share = _path_shares(adapters, model, eval_set, runtime, settings.points, should_stop,
                                  lambda done: report(settings.steps + done, total))
     finally:
