@@ -79,7 +79,7 @@ class AnalysisConfig:
     probe_rank: int = field(default=8, metadata={"help": "--rank-signal probe: rank of the probe on every module."})
     probe_lr: float = field(default=1e-2, metadata={"help": "--rank-signal probe: learning rate of the probe (Adam)."})
     probe_repeats: int = field(default=1, metadata={"help": "--rank-signal probe: independent probes averaged (a map "
-                                                    "another seed reproduces, at this many times the cost)."})
+                                                    "that depends less on --seed, at this many times the cost)."})
     focus_label: str = field(init=False, default="balanced")
     focus_range: tuple[float, float] = field(init=False, default=(0.0, 1.0))
 

@@ -13,7 +13,7 @@ A module's score is its share per (in + out), the parameter cost of one rank ste
 How long to probe is a trade measured on the planted benchmark (docs/data-awareness.md): the default, 40 steps,
 is the one whose maps gained most. Which of several interchangeable modules a single probe credits depends on its
 seed; `repeats` independent probes (each its own draws and initial directions) are averaged, share by share, for
-a map that another seed reproduces, at `repeats` times the cost. A probe whose loss did not fall below the base
+a map that depends less on the seed, at `repeats` times the cost. A probe whose loss did not fall below the base
 model's is retried once at a tenth of the learning rate, so a default rate that diverges on a larger model cannot
 silently produce noise.
 

@@ -120,8 +120,8 @@ ProbeLrOpt = Annotated[float, typer.Option("--probe-lr", help="--rank-signal pro
                                            "retried once at a tenth if the probe does not learn).",
                                            rich_help_panel=ADVANCED)]
 ProbeRepeatsOpt = Annotated[int, typer.Option("--probe-repeats", help="--rank-signal probe: average this many "
-                                             "independent probes, so another --seed gives the same map (costs "
-                                             "that many probes).", rich_help_panel=ADVANCED)]
+                                             "independent probes, so the map depends less on --seed (costs that "
+                                             "many probes; not a better map).", rich_help_panel=ADVANCED)]
 AllowTurboOpt = Annotated[
     bool, typer.Option("--allow-turbo", help="Analyse a turbo model anyway (Preprocessing++ can destabilise turbo training).",
                        rich_help_panel=ADVANCED)
