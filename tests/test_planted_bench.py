@@ -148,8 +148,8 @@ def test_two_plants_give_different_need_maps(quick_run):
 # The probe (the default signal, shares by integrated gradients). Full benchmark, 40 steps: two plants 0.14–0.57,
 # two seeds 0.60–0.85, own samples 0.67–0.75 against 0.65–0.84 planted. At these toy sizes: two plants 0.77,
 # two seeds 0.71–0.80, own samples 0.40–0.43 against 0.27–0.43 planted.
-# Averaging probes (--probe-repeats) does not close it: with 8 probes (offline, plants 0–7) two seeds agree at
-# 0.79–0.96 while 23 of 28 pairs of plants rise above 0.5 (docs/data-awareness.md, "Averaging more probes").
+# Averaging probes (--probe-repeats) does not close it: with 8 probes (offline, 12 plants) two seeds agree at
+# 0.79–0.96 while 50 of 66 pairs of plants rise above 0.5 (docs/data-awareness.md, "Averaging more probes").
 @pytest.mark.xfail(strict=True, reason="open (issue 18): which stand-in module takes the probe's fix depends on "
                                        "its seed, so the low-score tail reorders")
 def test_two_seeds_of_the_same_data_give_the_same_probe_map(quick_run):
