@@ -160,16 +160,16 @@ def test_repeats_average_independent_probes_and_the_first_is_the_single_probe(lo
     assert sum(averaged.share.values()) == pytest.approx(averaged.loss_before - averaged.loss_probed, rel=0.05)
     # the first is exactly the single probe of the same seed; the other two run on streams of their own
     runs = [_one_probe(loaded, files, mix_seed(3, probe_module._PROBE_STREAM, r)) for r in (1, 2)]
-    expected = {n: (single.share[n] + runs[0][0][n] + runs[1][0][n]) / 3 for n in single.share}
+    expected = {n: (single.share[n] + runs[0].share[n] + runs[1].share[n]) / 3 for n in single.share}
     assert averaged.share == pytest.approx(expected, rel=1e-12, abs=1e-15)
-    assert averaged.loss_before == pytest.approx((single.loss_before + runs[0][1] + runs[1][1]) / 3, rel=1e-12)
-    assert runs[0][0] != single.share and runs[0][0] != runs[1][0]
+    assert averaged.loss_before == pytest.approx((single.loss_before + runs[0].before + runs[1].before) / 3, rel=1e-12)
+    assert runs[0].share != single.share and runs[0].share != runs[1].share
 
 
 def test_a_repeat_that_raises_the_loss_is_averaged_in_not_refused(loaded, files):
     settings = replace(QUICK, steps=1, lr=0.3, repeats=6)  # one rough step: some of these probes fail on their own
     unlucky = _one_probe(loaded, files, mix_seed(3, probe_module._PROBE_STREAM, 5), settings, attribute_any_fall=True)
-    assert unlucky[2] > unlucky[1]  # the sixth probe alone raises the loss (the first alone lowers it)
+    assert unlucky.probed > unlucky.before  # the sixth probe alone raises the loss (the first alone lowers it)
     result = _probe(loaded, files, 3, settings)
     assert result.lr_used == 0.3  # no retry at a tenth for a later repeat: the first one learned at this rate
     assert result.loss_probed < result.loss_before  # the six together lower it
@@ -178,16 +178,15 @@ def test_a_repeat_that_raises_the_loss_is_averaged_in_not_refused(loaded, files)
     runs += [_one_probe(loaded, files, mix_seed(3, probe_module._PROBE_STREAM, r), settings, attribute_any_fall=True)
              for r in range(1, 6)]
     assert runs[5] == unlucky
-    expected = {n: sum(run[0][n] for run in runs) / 6 for n in result.share}
+    expected = {n: sum(run.share[n] for run in runs) / 6 for n in result.share}
     assert result.share == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def _one_probe(loaded, files, stream, settings=QUICK, attribute_any_fall=False):
     spec = DatasetSpec.from_model_config(loaded.entry.config)
-    cache = {}
-    sample = lambda i: cache.setdefault(i, load_sample(files[i], spec))  # noqa: E731
-    return probe_module._probe_once(loaded, targetable_modules(loaded.num_layers), sample, len(files), settings, stream,
-                                    None, lambda _d, _t: None, attribute_any_fall)
+    samples = [load_sample(f, spec) for f in files]
+    return probe_module._probe_once(loaded, targetable_modules(loaded.num_layers), samples.__getitem__, len(files),
+                                    settings, stream, None, lambda _d, _t: None, attribute_any_fall)
 
 
 def test_a_probe_that_learns_nothing_is_retried_at_a_tenth_of_the_lr_then_refused(loaded, files):

@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -93,6 +93,18 @@ class _ProbeAdapter:
         self.strength = torch.full((), value, device=self.a.device, requires_grad=requires_grad)
 
 
+class _Run(NamedTuple):
+    """What one probe measured: each module's share of the fall, and the loss without and with the probe."""
+
+    share: dict[str, float]
+    before: float
+    probed: float
+
+    @property
+    def lowered(self) -> bool:
+        return math.isfinite(self.probed) and self.probed < self.before
+
+
 def _summed(values: list[float], device: torch.device) -> list[float]:
     """Each value added up over the processes (one all-reduce; a no-op with one process)."""
     return distributed.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
@@ -123,7 +135,7 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
         # the first probe is the single probe of this seed; the others draw streams of their own
         stream = mix_seed(seed, _PROBE_STREAM) if repeat == 0 else mix_seed(seed, _PROBE_STREAM, repeat)
 
-        def run(rate: float, attribute_any_fall: bool = False) -> tuple[dict[str, float], float, float]:
+        def run(rate: float, attribute_any_fall: bool = False) -> _Run:
             return _probe_once(loaded, names, sample, len(files), replace(settings, lr=rate), stream, should_stop,
                                lambda done, total: report(repeat, done, total), attribute_any_fall)
 
@@ -132,13 +144,13 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
         else:
             # at the first probe's rate, whatever its own fall: one unlucky probe of K is noise the average absorbs
             outcome = run(lr, attribute_any_fall=True)
-            if not math.isfinite(outcome[2]):
+            if not math.isfinite(outcome.probed):
                 raise ConfigError(f"Probe {repeat + 1} of {settings.repeats} diverged at --probe-lr {lr:g}; pass a "
                                   f"lower --probe-lr or fewer --probe-repeats.")
         runs.append(outcome)
-    share = {n: sum(run[0][n] for run in runs) / len(runs) for n in names}
-    before = sum(run[1] for run in runs) / len(runs)
-    probed = sum(run[2] for run in runs) / len(runs)
+    share = {n: sum(r.share[n] for r in runs) / len(runs) for n in names}
+    before = sum(r.before for r in runs) / len(runs)
+    probed = sum(r.probed for r in runs) / len(runs)
     if not probed < before:
         raise ConfigError(f"The {len(runs)} probes at --probe-lr {lr:g} did not lower the loss on average (loss "
                           f"{before:.4g} before, {probed:.4g} after); pass another --probe-lr or --rank-signal data.")
@@ -147,29 +159,23 @@ def measure_probe(loaded: LoadedModel, names: list[str], files: list[Path], spec
     return ProbeResult(scores, share, before, probed, settings, time.perf_counter() - started, lr)
 
 
-def _learned(run: Callable[[float], tuple[dict[str, float], float, float]], lr: float, asked: float
-             ) -> tuple[tuple[dict[str, float], float, float], float]:
+def _learned(run: Callable[[float], _Run], lr: float, asked: float) -> tuple[_Run, float]:
     """`run(lr)`, and once more at a tenth of the rate when the probe did not lower the loss: (its outcome, the
     rate it learned at). Raises ConfigError naming `--probe-lr` (`asked`) when it did not learn at either."""
     outcome = run(lr)
-    if not _lowered(outcome):
+    if not outcome.lowered:
         lr *= LR_RETRY_FACTOR
         outcome = run(lr)
-    if not _lowered(outcome):
-        _share, before, probed = outcome
+    if not outcome.lowered:
         raise ConfigError(f"The probe did not lower the loss at --probe-lr {asked:g} nor at {lr:g} (loss "
-                          f"{before:.4g} before, {probed:.4g} after); pass another --probe-lr or --rank-signal data.")
+                          f"{outcome.before:.4g} before, {outcome.probed:.4g} after); pass another --probe-lr or "
+                          f"--rank-signal data.")
     return outcome, lr
-
-
-def _lowered(outcome: tuple[dict[str, float], float, float]) -> bool:
-    _share, before, probed = outcome
-    return math.isfinite(probed) and probed < before
 
 
 def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], Sample], count: int,
                 settings: ProbeSettings, stream: int, should_stop, report: Callable[[int, int], None],
-                attribute_any_fall: bool = False) -> tuple[dict[str, float], float, float]:
+                attribute_any_fall: bool = False) -> _Run:
     """One probe at `settings.lr`, every draw from the generator seeded with `stream`: (each module's share of
     the fall, loss without the probe, loss with it). A probe that did not lower the loss is attributed only
     when `attribute_any_fall` (its shares then add up to a rise); otherwise its shares are empty."""
@@ -203,7 +209,7 @@ def _probe_once(loaded: LoadedModel, names: list[str], sample: Callable[[int], S
         for p, flag in saved_grad.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return share, before, probed
+    return _Run(share, before, probed)
 
 
 def _train(model, adapters, sample, count: int, settings: ProbeSettings, loaded: LoadedModel, g: torch.Generator,
