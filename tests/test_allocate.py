@@ -56,8 +56,10 @@ BAD_BUDGETS = [
     ("min zero", dict(lo=0), "--rank-min"),
     ("max negative", dict(hi=-1), "--rank-max"),
     ("min above max", dict(lo=64, hi=32, base=48), "--rank-min 64 is above --rank-max 32"),
-    ("rank below min", dict(base=8), "--rank 8 is outside --rank-min 16..--rank-max 128"),
-    ("rank above max", dict(base=256), "--rank 256 is outside"),
+    ("rank below min", dict(base=8), "--rank 8 is outside --rank-min 16..--rank-max 128; pick a rank in that range "
+                                     "or pass --rank-min 8."),
+    ("rank above max", dict(base=256), "--rank 256 is outside --rank-min 16..--rank-max 128; pick a rank in that "
+                                       "range or pass --rank-max 256."),
     ("step not dividing", dict(step=24), "--rank-step"),
     ("budget mode", dict(mode="wide"), "--budget"),
     ("alpha ratio", dict(alpha_ratio=0), "--alpha-ratio"),

@@ -83,7 +83,9 @@ class RankBudget:
         if self.lo > self.hi:
             raise ConfigError(f"--rank-min {self.lo} is above --rank-max {self.hi}; lower one or raise the other.")
         if not self.lo <= self.base <= self.hi:
-            raise ConfigError(f"--rank {self.base} is outside --rank-min {self.lo}..--rank-max {self.hi}; pick a rank in that range.")
+            bound = f"--rank-min {self.base}" if self.base < self.lo else f"--rank-max {self.base}"
+            raise ConfigError(f"--rank {self.base} is outside --rank-min {self.lo}..--rank-max {self.hi}; pick a rank in "
+                              f"that range or pass {bound}.")
         if self.step is not None and (not _is_positive_int(self.step) or self.base % self.step):
             raise ConfigError(f"--rank-step {self.step!r} must be a positive integer dividing --rank {self.base}.")
         try:
