@@ -137,6 +137,27 @@ def test_cuda_engine_matches_plain_grad_and_analysis_runs(entry, dataset_dir, pr
     assert all(m.fisher > 0 for m in outcome.result.modules)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_engine_matches_plain_grad_and_the_analysis_agrees_with_fp32(entry, dataset_dir, analysed,
+                                                                                      precision):
+    # The CPU runs the bf16 and fp16 kernels too, so the paths a GPU without bf16 (fp16: T4, V100, MPS) takes are
+    # tested here, not only on CUDA: the hooks see the same gradients as autograd, and the analysis, probe
+    # included, ranks the modules as fp32 does.
+    low = load_model(entry, resolve_runtime("cpu", precision, False))
+    batches = [(b.to(low.runtime.device, low.runtime.dtype), t, n.to(low.runtime.device, low.runtime.dtype))
+               for b, t, n in _batches(low, sorted(dataset_dir.glob("*.pt")), 3)]
+    _hook_vs_plain(low.transformer, targetable_modules(low.num_layers), batches, rtol=2e-2)
+    folder = analysed.folder.parent / f"dataset-{precision}"
+    shutil.copytree(analysed.folder, folder, ignore=shutil.ignore_patterns("fisher_*"))
+    outcome = _analyze(folder, entry, low)
+    reference = {m.name: m.fisher for m in analysed.outcome.result.modules}
+    fisher = {m.name: m.fisher for m in outcome.result.modules}
+    assert all(math.isfinite(v) and v > 0 for v in fisher.values())
+    assert spearman(np.array([reference[n] for n in fisher]), np.array(list(fisher.values()))) > 0.99
+    probe = outcome.result.probe
+    assert probe.lr_used == probe.settings.lr and probe.loss_probed < probe.loss_before
+
+
 def test_one_forward_and_backward_per_batch_and_state_restored(loaded, analysed):
     # The hook analysis: one forward (and backward) per batch. The default probe adds its own passes, counted
     # here so that its cost is pinned too: steps × batch training passes, then, per evaluation sample, one pass
