@@ -204,16 +204,18 @@ def summarize(records: list[dict], cells: list[dict], plants: list[dict], contro
     signals = sorted({s for c in cells for s in c["precision_top_S"]})
     precision = {s: statistics.fmean(c["precision_top_S"][s] for c in cells) for s in signals}
     partner = {s: statistics.fmean(c["precision_top_S_with_partner"][s] for c in cells) for s in signals}
+    same_mlp = {s: statistics.fmean(c["precision_top_S_same_mlp"][s] for c in cells) for s in signals}
     differential, agreement = _differential(cells, controls), map_agreement(cells)
-    return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner, "plants": plants,
+    return {"arms": arms, "precision_top_S": precision, "precision_top_S_with_partner": partner,
+            "precision_top_S_same_mlp": same_mlp, "plants": plants,
             "differential_control": differential, "map_agreement": agreement,
-            "acceptance": acceptance(arms, precision, partner, differential.get(DEFAULT_SIGNAL), agreement),
+            "acceptance": acceptance(arms, precision, partner, differential.get(DEFAULT_SIGNAL), agreement, same_mlp),
             "verdicts": verdicts}
 
 
 def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict[str, float],
-               differential: dict | None = None, agreement: dict[str, list[float]] | None = None
-               ) -> dict[str, bool | None]:
+               differential: dict | None = None, agreement: dict[str, list[float]] | None = None,
+               same_mlp: dict[str, float] | None = None) -> dict[str, bool | None]:
     """Issue 18's criteria for the default map, each True/False, or None when this run lacks the arms to say.
 
     "Outside the CI" means the paired 95% t interval excludes 0. Two readings of the permutation control are
@@ -248,6 +250,8 @@ def acceptance(arms: dict[str, dict], precision: dict[str, float], partner: dict
         "oracle_beats_its_own_permutation": below_zero("oracle", "distill_vs_control"),
         "precision_at_least_0.8": None if DEFAULT_SIGNAL not in precision else precision[DEFAULT_SIGNAL] >= 0.8,
         "precision_with_partners_at_least_0.8": None if DEFAULT_SIGNAL not in partner else partner[DEFAULT_SIGNAL] >= 0.8,
+        "precision_same_mlp_at_least_0.8": (
+            None if DEFAULT_SIGNAL not in (same_mlp or {}) else same_mlp[DEFAULT_SIGNAL] >= 0.8),
         "map_forgets_no_more_than_flat": not_above_zero(default, "forgetting_vs_flat"),
         "own_samples_less_concentrated_than_every_plant": (
             None if not d.get("own_samples_top10_share") else d["own_below_every_planted"]),
@@ -357,6 +361,10 @@ def markdown(summary: dict, command: str) -> str:
               "The same, counting a planted MLP gate or up projection as found when its partner is in the top-|S| "
               "(the oracle with those moved to the partner is the arm `oracle_sibling`): " +
               ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S_with_partner"].items()),
+              "",
+              "The same, counting a planted MLP projection as found when any projection of its MLP is in the top-|S| "
+              "(the probe's misses repair the planted MLP through another of its projections): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in summary["precision_top_S_same_mlp"].items()),
               "",
               "Differential control (targets: own samples below every planted share; two seeds ≥ 0.95; two plants "
               "≤ 0.5; and the teacher, which needs no change, below every planted share):", "",

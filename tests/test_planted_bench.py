@@ -61,8 +61,8 @@ def test_every_arm_is_trained_at_the_flat_budget_and_the_oracle_adapts_only_the_
         assert cell["arms"]["control_anywhere"]["modules"] == cell["arms"]["control"]["modules"]
         assert cell["arms"]["flat"]["planted_recall"] == 1.0
         assert set(cell["precision_top_S"]) == {"data", "need"}
-        for signal, value in cell["precision_top_S"].items():  # a partner in the top-|S| only adds hits
-            assert value <= cell["precision_top_S_with_partner"][signal] <= 1
+        for signal, value in cell["precision_top_S"].items():  # a partner, or any projection of the MLP, only adds hits
+            assert value <= cell["precision_top_S_with_partner"][signal] <= cell["precision_top_S_same_mlp"][signal] <= 1
     assert summary["arms"]["oracle"]["distill"]["mean"] < 1.0  # the oracle moves towards the teacher
     assert {"distill_vs_control", "distill_vs_control_anywhere"} <= set(summary["arms"]["map_data"])
     assert "distill_vs_control" in summary["arms"]["oracle"]  # the oracle against its own permutation
@@ -105,6 +105,8 @@ def test_acceptance_reads_each_criterion_from_its_interval():
     assert checks["map_beats_its_permutation_over_its_modules"] is True
     assert checks["map_beats_its_permutation_over_every_target"] is None  # not in this run
     assert checks["precision_at_least_0.8"] is True and checks["precision_with_partners_at_least_0.8"] is None
+    assert checks["precision_same_mlp_at_least_0.8"] is None  # not given
+    assert bench.acceptance(arms, {}, {}, same_mlp={bench.DEFAULT_SIGNAL: 0.79})["precision_same_mlp_at_least_0.8"] is False
     assert checks["map_forgets_no_more_than_flat"] is False  # significantly more forgetting
     assert checks["two_seeds_agree_at_least_0.95"] is None  # no differential control in this run
 
@@ -119,6 +121,14 @@ def test_acceptance_reads_each_criterion_from_its_interval():
     assert checks["two_seeds_maps_agree_at_least_0.95"] is True
     assert checks["two_plants_maps_differ_at_most_0.5"] is False  # one pair of plants at 0.51
     assert checks["teacher_loss_fall_below_every_plant"] is True
+
+
+def test_same_mlp_precision_counts_any_projection_of_a_planted_mlp():
+    load_bench("planted")  # puts bench/ on the path
+    from planted_lib.runner import mlp_of
+    assert mlp_of("layers.3.mlp.down_proj") == mlp_of("layers.3.mlp.gate_proj") == "layers.3.mlp"
+    assert mlp_of("layers.13.mlp.up_proj") == "layers.13.mlp" != mlp_of("layers.1.mlp.up_proj")
+    assert mlp_of("layers.3.self_attn.o_proj") is None and mlp_of("layers.3.cross_attn.v_proj") is None
 
 
 def test_map_agreement_is_the_budget_two_maps_share():

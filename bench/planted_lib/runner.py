@@ -116,7 +116,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         result = with_probe(probe_cfg, loaded, result, scan)
     if result.probe is not None:  # the probe is a training run of its own, charged separately
         log(f"  probe {result.probe.seconds:.1f}s at lr {result.probe.lr_used:g}")
-    precision, partner_precision, maps = {}, {}, {}
+    precision, partner_precision, mlp_precision, maps = {}, {}, {}, {}
     for signal in cfg.signals:
         # the analysis keeps --rank-max's sketch width; only the maps stop at the flat budget's cap
         fmap, _ = build_map(replace(acfg, rank_signal=signal, rank_max=b.flat_cap), loaded, result, scan)
@@ -126,6 +126,8 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
         top = sorted(scores, key=lambda n: (-scores[n], n))[: len(planted)]
         precision[signal] = len(planted & set(top)) / len(planted)
         partner_precision[signal] = sum(n in top or mlp_partner(n) in top for n in planted) / len(planted)
+        named_mlps = {mlp_of(n) for n in top} - {None}
+        mlp_precision[signal] = sum(n in top or mlp_of(n) in named_mlps for n in planted) / len(planted)
     median_map, _ = build_map(replace(acfg, rank_signal=DEFAULT_SIGNAL, budget="median"), loaded, result, scan)
     arms["map_median"] = matched_arm("map_median", median_map.rank_pattern, shapes, b, target,
                                      notes=(f"the default map under --budget median ({median_map.trainable_params} "
@@ -143,6 +145,7 @@ def run_cell(plant: Plant, seed: int, data: Data, loaded: LoadedModel, teacher_o
     info = {"plant": plant.spec.seed, "seed": seed, "analysis_seconds": analysis_seconds, "flat_params": target,
             "probe_seconds": result.probe.seconds if result.probe is not None else None,
             "precision_top_S": precision, "precision_top_S_with_partner": partner_precision,
+            "precision_top_S_same_mlp": mlp_precision,
             "concentration": concentration_record(outcome.map),
             "map_rank_max": maps[default_signal].rank_max,
             "map_params": {n: default.ranks.get(n, 0) * (shapes[n].in_features + shapes[n].out_features) for n in shapes},
@@ -187,6 +190,13 @@ def mlp_partner(name: str) -> str:
         if name.endswith(a):
             return name[: -len(a)] + b
     return name
+
+
+def mlp_of(name: str) -> str | None:
+    """The MLP a gate, up or down projection belongs to (`layers.3.mlp`); None for attention. The probe's misses
+    are projections of a planted MLP that repair its change through another projection (docs/data-awareness.md)."""
+    prefix, _, leaf = name.rpartition(".")
+    return prefix if prefix.endswith(".mlp") and leaf in ("gate_proj", "up_proj", "down_proj") else None
 
 
 def _mlp_siblings(ranks: dict[str, int]) -> dict[str, int]:
